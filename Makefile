@@ -1,0 +1,26 @@
+# The two commands of the quickstart: `make demo` and `make test`. Both run `make setup` first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+.PHONY: setup demo test lint bench doctor
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@$(PY) -m warmboot.demo
+
+test: setup
+	@$(PY) -m ruff check warmboot tests bench
+	@$(PY) -m pytest
+
+lint: setup
+	@$(PY) -m ruff check warmboot tests bench
+	@$(PY) -m ruff format --check warmboot tests bench
+
+bench: setup
+	@$(PY) bench/restore.py
+
+doctor: setup
+	@$(VENV)/bin/warmboot doctor

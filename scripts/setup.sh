@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Host set-up for warmboot: idempotent, non-interactive, run as root by `make demo` and `make test`.
+#  1. a CRIU that passes `criu check` on this kernel (scripts/install-criu.sh)
+#  2. the Python virtualenv with warmboot and its dependencies (skipped when pyproject.toml is unchanged)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+  echo "warmboot set-up must run as root (CRIU needs CAP_SYS_ADMIN and friends); try: sudo make setup" >&2
+  exit 1
+fi
+
+need_apt=()
+command -v unshare >/dev/null || need_apt+=(util-linux)
+command -v mount >/dev/null || need_apt+=(mount)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "[setup] installing ${need_apt[*]} from apt" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+bash scripts/install-criu.sh
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+stamp_want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+if [ -x "$VENV/bin/python" ] && [ "$(cat "$VENV/.setup-stamp" 2>/dev/null)" = "$stamp_want" ]; then
+  echo "[setup] virtualenv $VENV is up to date" >&2
+else
+  echo "[setup] creating virtualenv $VENV and installing warmboot[dev]" >&2
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e '.[dev]'
+  echo "$stamp_want" >"$VENV/.setup-stamp"
+fi

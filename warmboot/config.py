@@ -1,0 +1,29 @@
+"""Where warmboot keeps its state, and which external tools it runs. Environment variables override."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_HOME = Path("/var/lib/warmboot")
+DEFAULT_CRIU = Path("/opt/warmboot/criu/bin/criu")  # written by scripts/install-criu.sh
+
+
+def home() -> Path:
+    """Root of warmboot's state (``WARMBOOT_HOME``, default ``/var/lib/warmboot``)."""
+    return Path(os.environ.get("WARMBOOT_HOME", DEFAULT_HOME))
+
+
+def snapshots_dir() -> Path:
+    """Where published snapshots live (``$WARMBOOT_HOME/snapshots``)."""
+    return home() / "snapshots"
+
+
+def criu_path() -> Path:
+    """The CRIU binary to run (``WARMBOOT_CRIU``, else the one set-up installed, else ``criu`` on PATH)."""
+    configured = os.environ.get("WARMBOOT_CRIU")
+    if configured:
+        return Path(configured)
+    if DEFAULT_CRIU.exists():
+        return DEFAULT_CRIU
+    return Path("criu")

@@ -1,0 +1,58 @@
+"""The one error hierarchy of warmboot.
+
+Every error a user can meet derives from :class:`WarmbootError` and says what went wrong and what to do.
+"""
+
+from __future__ import annotations
+
+
+class WarmbootError(Exception):
+    """Base class of every warmboot error."""
+
+
+class HostSetupError(WarmbootError):
+    """The host lacks something warmboot needs (CRIU, root, a kernel feature)."""
+
+
+class ContainerError(WarmbootError):
+    """A container could not be started, or died in a way the caller must hear about."""
+
+
+class SnapshotError(WarmbootError):
+    """A checkpoint or restore failed.
+
+    Carries the snapshot id (when there is one) and CRIU's own error lines from its log, so that the
+    message says exactly what CRIU refused.
+    """
+
+    def __init__(self, message: str, *, snapshot_id: str | None = None, criu_errors: list[str] | None = None):
+        self.snapshot_id = snapshot_id
+        self.criu_errors = list(criu_errors or [])
+        text = message if snapshot_id is None else f"snapshot {snapshot_id}: {message}"
+        if self.criu_errors:
+            text += "\nCRIU said:\n" + "\n".join(f"  {line}" for line in self.criu_errors)
+        super().__init__(text)
+
+
+class CheckpointError(SnapshotError):
+    """CRIU could not dump the container; no snapshot was published."""
+
+
+class RestoreError(SnapshotError):
+    """CRIU could not restore the snapshot."""
+
+
+class SnapshotFileChangedError(RestoreError):
+    """A file the snapshot holds open or mapped was changed or deleted since the snapshot was made."""
+
+
+class SnapshotIncompatibleError(RestoreError):
+    """The snapshot was made on another host fingerprint (CPU model/flags, kernel or CRIU); refused before CRIU runs."""
+
+
+class SnapshotCorruptError(RestoreError):
+    """The snapshot's images do not match their recorded checksums (or its manifest is unreadable); refused."""
+
+
+class SnapshotNotFoundError(SnapshotError):
+    """No published snapshot has that id."""

@@ -1,0 +1,343 @@
+"""Memory snapshots: checkpoint a container with CRIU into a published snapshot, restore copies of it.
+
+A snapshot is a directory ``<store>/<id>/`` holding CRIU's images and ``manifest.json``. It is written
+under a temporary name, checksummed, fsynced and renamed into place, so a crash or a full disk mid-dump
+never leaves anything that looks like a valid snapshot. Every restore checks the manifest against this
+host's fingerprint and the images against their checksums *before* CRIU runs, then attaches fresh pipes
+to the copy with CRIU's ``--inherit-fd``, so any number of copies can run at once, each on its own channels.
+A snapshot that failed to restore for a reason of its own is marked broken and is never used again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from warmboot import config
+from warmboot.errors import (
+    CheckpointError,
+    RestoreError,
+    SnapshotCorruptError,
+    SnapshotFileChangedError,
+    SnapshotIncompatibleError,
+    SnapshotNotFoundError,
+)
+from warmboot.worker import container as containers
+from warmboot.worker import criu, host
+
+log = logging.getLogger("warmboot.snapshot")
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BROKEN_MARK = "broken.json"
+DUMP_LOG = "criu-dump.log"
+_TMP_PREFIX = ".tmp-"
+_CHUNK = 4 << 20
+
+# CRIU log lines that mean "a file the snapshot refers to is not what it was at dump time".
+_FILE_CHANGED = re.compile(
+    r"has bad (size|mode|mtime)|Can't open file|Can't open vma|No such file or directory|"
+    r"Can't find file|Can't restore link remap|does not match",
+)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A published snapshot: its id, its directory and its manifest."""
+
+    id: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes on disk of the CRIU images (memory pages included)."""
+        return int(self.manifest["total_bytes"])
+
+    @property
+    def pages_bytes(self) -> int:
+        """Bytes of memory pages in the images."""
+        return sum(f["size"] for name, f in self.manifest["files"].items() if name.startswith("pages-"))
+
+    @property
+    def created_at(self) -> float:
+        return float(self.manifest["created_at"])
+
+    def broken_reason(self) -> str | None:
+        """Why this snapshot was marked broken, or ``None`` when it is usable."""
+        try:
+            return json.loads((self.path / BROKEN_MARK).read_text())["reason"]
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError):
+            return "marked broken (unreadable mark)"
+
+
+def _hash_file(path: Path) -> str:
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class SnapshotStore:
+    """Published snapshots under one directory (default ``$WARMBOOT_HOME/snapshots``), readable by root only."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root) if root is not None else config.snapshots_dir()
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self._logs = self.root / ".logs"
+        self._logs.mkdir(exist_ok=True)
+        self._remove_stale_partials()
+
+    # ----- listing -----------------------------------------------------------------------------------
+
+    def get(self, snapshot_id: str) -> Snapshot:
+        """The published snapshot ``snapshot_id``; raises :class:`SnapshotNotFoundError` or, for an
+        unreadable manifest, :class:`SnapshotCorruptError`."""
+        if not snapshot_id or snapshot_id.startswith(".") or "/" in snapshot_id:
+            raise SnapshotNotFoundError("not a snapshot id", snapshot_id=snapshot_id)
+        path = self.root / snapshot_id
+        if not path.is_dir():
+            raise SnapshotNotFoundError(f"no such snapshot in {self.root}", snapshot_id=snapshot_id)
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+        except (OSError, ValueError) as exc:
+            raise SnapshotCorruptError(f"manifest unreadable ({exc})", snapshot_id=snapshot_id) from exc
+        return Snapshot(snapshot_id, path, manifest)
+
+    def list(self) -> list[Snapshot]:
+        """Every published snapshot, oldest first (partial or unreadable ones are skipped)."""
+        found = []
+        for entry in self.root.iterdir():
+            if entry.name.startswith(".") or not entry.is_dir():
+                continue
+            with contextlib.suppress(SnapshotCorruptError, SnapshotNotFoundError):
+                found.append(self.get(entry.name))
+        return sorted(found, key=lambda s: s.created_at)
+
+    def delete(self, snapshot_id: str) -> None:
+        """Remove a snapshot. Renamed away first, so a concurrent restore never sees half of it."""
+        snap = self.get(snapshot_id)
+        doomed = self.root / f"{_TMP_PREFIX}rm-{snapshot_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        os.rename(snap.path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+    def mark_broken(self, snapshot: Snapshot, reason: str) -> None:
+        """Record that ``snapshot`` must never be restored again, and why."""
+        mark = snapshot.path / BROKEN_MARK
+        with contextlib.suppress(FileNotFoundError):  # deleted meanwhile: nothing left to use twice
+            mark.write_text(json.dumps({"reason": reason, "at": time.time()}))
+            log.warning("snapshot %s marked broken: %s", snapshot.id, reason.splitlines()[0])
+
+    def _remove_stale_partials(self) -> None:
+        """Delete temporary directories left by checkpoints whose process died (crash, kill, power loss)."""
+        for entry in self.root.glob(f"{_TMP_PREFIX}*"):
+            owner = entry.name.rsplit("-", 2)[-2] if entry.name.count("-") >= 3 else ""
+            if not owner.isdigit() or not _pid_alive(int(owner)):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    # ----- checkpoint --------------------------------------------------------------------------------
+
+    def checkpoint(
+        self,
+        target: containers.Container,
+        *,
+        snapshot_id: str | None = None,
+        leave_running: bool = False,
+        metadata: dict[str, Any] | None = None,
+    ) -> Snapshot:
+        """Dump ``target``'s process tree with CRIU and publish it as a snapshot.
+
+        With ``leave_running`` the container goes on afterwards; otherwise CRIU kills it once dumped.
+        Raises :class:`CheckpointError` (with CRIU's error lines) and publishes nothing on failure.
+        """
+        snapshot_id = snapshot_id or uuid.uuid4().hex[:16]
+        final = self.root / snapshot_id
+        if final.exists():
+            raise CheckpointError("a snapshot with this id already exists", snapshot_id=snapshot_id)
+        tmp = self.root / f"{_TMP_PREFIX}{snapshot_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        tmp.mkdir(mode=0o700)
+        started = time.monotonic()
+        try:
+            args = ["dump", "-t", str(target.pid), "-D", str(tmp), "-W", str(tmp)]
+            if leave_running:
+                args.append("--leave-running")
+            result = criu.run(args, log_path=tmp / DUMP_LOG)
+            if result.returncode != 0:
+                raise CheckpointError(
+                    f"CRIU dump of container {target.pid} failed (exit {result.returncode})",
+                    snapshot_id=snapshot_id,
+                    criu_errors=result.errors,
+                )
+            dump_s = time.monotonic() - started
+            manifest = self._write_manifest(tmp, target, snapshot_id, dump_s, metadata or {})
+            os.rename(tmp, final)
+            _fsync_path(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        snap = Snapshot(snapshot_id, final, manifest)
+        log.info(
+            "snapshot %s created in %.2f s (%.0f MB)", snapshot_id, time.monotonic() - started,
+            snap.size_bytes / 1e6,
+        )
+        return snap
+
+    def _write_manifest(
+        self, tmp: Path, target: containers.Container, snapshot_id: str, dump_s: float, metadata: dict[str, Any]
+    ) -> dict[str, Any]:
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(tmp.iterdir()):
+            if path.name == DUMP_LOG:
+                os.chmod(path, 0o600)
+                continue
+            os.chmod(path, 0o600)  # images hold process memory, secrets included
+            files[path.name] = {"size": path.stat().st_size, "xxh3_128": _hash_file(path)}
+            _fsync_path(path)
+        fp = host.fingerprint()
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "id": snapshot_id,
+            "created_at": time.time(),
+            "dump_seconds": round(dump_s, 4),
+            "criu_version": fp.criu_version,
+            "kernel": fp.kernel,
+            "cpu": {"model": fp.cpu_model, "flags_sha256": fp.cpu_flags_sha256, "id": fp.cpu},
+            "channels": target.pipe_ids,
+            "files": files,
+            "total_bytes": sum(f["size"] for f in files.values()),
+            "metadata": metadata,
+        }
+        manifest_path = tmp / MANIFEST
+        with open(manifest_path, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(manifest_path, 0o600)
+        _fsync_path(tmp)
+        return manifest
+
+    # ----- restore -----------------------------------------------------------------------------------
+
+    def check(self, snapshot: Snapshot) -> None:
+        """Refuse ``snapshot`` unless it is whole, unbroken and made on a host like this one."""
+        m = snapshot.manifest
+        if (reason := snapshot.broken_reason()) is not None:
+            raise SnapshotCorruptError(f"snapshot is marked broken: {reason}", snapshot_id=snapshot.id)
+        if m.get("format_version") != FORMAT_VERSION:
+            raise SnapshotIncompatibleError(
+                f"format version {m.get('format_version')} is not {FORMAT_VERSION}; make a new snapshot",
+                snapshot_id=snapshot.id,
+            )
+        fp = host.fingerprint()
+        theirs = m.get("cpu", {})
+        mismatches = []
+        if theirs.get("model") != fp.cpu_model or theirs.get("flags_sha256") != fp.cpu_flags_sha256:
+            mismatches.append(f"CPU {theirs.get('model')!r} ({theirs.get('id')}) vs here {fp.cpu_model!r} ({fp.cpu})")
+        if m.get("kernel") != fp.kernel:
+            mismatches.append(f"kernel {m.get('kernel')} vs here {fp.kernel}")
+        if m.get("criu_version") != fp.criu_version:
+            mismatches.append(f"CRIU {m.get('criu_version')} vs here {fp.criu_version}")
+        if mismatches:
+            raise SnapshotIncompatibleError(
+                "made on another host fingerprint (" + "; ".join(mismatches) + "); restore it on a matching "
+                "worker or make a new snapshot here",
+                snapshot_id=snapshot.id,
+            )
+        for name, expected in m["files"].items():
+            path = snapshot.path / name
+            try:
+                size = path.stat().st_size
+            except FileNotFoundError:
+                raise SnapshotCorruptError(f"image {name} is missing", snapshot_id=snapshot.id) from None
+            if size != expected["size"] or _hash_file(path) != expected["xxh3_128"]:
+                raise SnapshotCorruptError(
+                    f"image {name} does not match its checksum (size {size}, expected {expected['size']})",
+                    snapshot_id=snapshot.id,
+                )
+
+    def restore(self, snapshot: Snapshot | str) -> containers.Container:
+        """Restore a new copy of ``snapshot`` on fresh channels and return it, running.
+
+        Raises :class:`SnapshotIncompatibleError` or :class:`SnapshotCorruptError` before CRIU runs, and
+        :class:`SnapshotFileChangedError` or :class:`RestoreError` (with CRIU's error lines) when CRIU fails.
+        Corruption and CRIU failures mark the snapshot broken so it is never tried again.
+        """
+        if isinstance(snapshot, str):
+            snapshot = self.get(snapshot)
+        try:
+            self.check(snapshot)
+        except SnapshotCorruptError as exc:
+            if snapshot.broken_reason() is None:
+                self.mark_broken(snapshot, str(exc))
+            raise
+        containers.ensure_subreaper()
+        pipes = containers.new_pipes()
+        run_id = f"{snapshot.id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        log_path = self._logs / f"restore-{run_id}.log"
+        pidfile = self._logs / f"restore-{run_id}.pid"
+        args = ["restore", "-D", str(snapshot.path), "-W", str(self._logs), "--restore-detached",
+                "--root", "/", "--pidfile", str(pidfile)]
+        for role, old_pipe in snapshot.manifest["channels"].items():
+            args += ["--inherit-fd", f"fd[{pipes.container_fds[role]}]:{old_pipe}"]
+        try:
+            result = criu.run(args, log_path=log_path, pass_fds=tuple(pipes.container_fds.values()))
+        finally:
+            pipes.close_container_ends()
+        if result.returncode != 0:
+            pipes.channels.close()
+            error_cls = (
+                SnapshotFileChangedError
+                if any(_FILE_CHANGED.search(line) for line in result.errors)
+                else RestoreError
+            )
+            what = (
+                "a file the snapshot needs was changed or deleted since it was made"
+                if error_cls is SnapshotFileChangedError
+                else f"CRIU restore failed (exit {result.returncode})"
+            )
+            exc = error_cls(f"{what}; CRIU log: {log_path}", snapshot_id=snapshot.id, criu_errors=result.errors)
+            self.mark_broken(snapshot, str(exc))
+            raise exc
+        try:
+            pid = int(pidfile.read_text().strip())
+        finally:
+            pidfile.unlink(missing_ok=True)
+            log_path.unlink(missing_ok=True)
+        return containers.Container(pid, pipes.channels, snapshot.manifest["channels"], restored_from=snapshot.id)
+
+    def __iter__(self) -> Iterator[Snapshot]:
+        return iter(self.list())
