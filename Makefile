@@ -9,7 +9,7 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@$(PY) -m warmboot.demo
+	@$(PY) examples/engine_demo.py
 
 test: setup
 	@$(PY) -m ruff check warmboot tests bench

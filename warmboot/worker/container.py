@@ -203,13 +203,13 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     bash rather than sh because the fd numbers to remap may have two digits.
     """
     steps = ["set -e", "mount --make-rprivate /"]
-    if spec.private_tmp:
-        steps.append("mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp")
-    for m in spec.mounts:
+    for m in spec.mounts:  # before /tmp is covered: sources may live under the host's /tmp
         src, dst = shlex.quote(m.source), shlex.quote(m.target)
         steps.append(f"mkdir -p {dst} && mount --bind {src} {dst}")
         if m.read_only:
             steps.append(f"mount -o remount,bind,ro {dst}")
+    if spec.private_tmp:
+        steps.append("mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp")
     steps.append(f"cd {shlex.quote(spec.cwd)}")
     ci, co = fds["control_in"], fds["control_out"]
     # stdin is opened here, inside the namespace: a /dev/null opened on the host sits on a mount
@@ -259,9 +259,7 @@ def _wait_for_init(launcher: subprocess.Popen[bytes], timeout: float) -> int:
         if kids:
             return int(kids[0])
         if launcher.poll() is not None:
-            raise ContainerError(
-                f"container launcher exited with status {launcher.returncode} before its init started"
-            )
+            raise ContainerError(f"container launcher exited with status {launcher.returncode} before its init started")
         time.sleep(0.0005)
     launcher.kill()
     raise ContainerError(f"container init did not start within {timeout} s")

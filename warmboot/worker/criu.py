@@ -18,7 +18,7 @@ from warmboot.errors import HostSetupError
 
 # Lines CRIU logs as errors on every run here that mean nothing (see docs/snapshot-engine.md).
 _HARMLESS = (re.compile(r"Can't setup RLIMIT_NOFILE for self"),)
-_ERROR_LINE = re.compile(r"^\([\d.]+\)\s+(?:\d+:\s+)?Error\s+\((?P<where>[^)]*)\):\s*(?P<msg>.*)$")
+_ERROR_LINE = re.compile(r"^(?:\([\d.]+\))?\s*(?:\d+:\s+)?Error\s+\((?P<where>[^)]*)\):\s*(?P<msg>.*)$")
 
 
 @dataclass(frozen=True)

@@ -211,13 +211,20 @@ class SnapshotStore:
             raise
         snap = Snapshot(snapshot_id, final, manifest)
         log.info(
-            "snapshot %s created in %.2f s (%.0f MB)", snapshot_id, time.monotonic() - started,
+            "snapshot %s created in %.2f s (%.0f MB)",
+            snapshot_id,
+            time.monotonic() - started,
             snap.size_bytes / 1e6,
         )
         return snap
 
     def _write_manifest(
-        self, tmp: Path, target: containers.Container, snapshot_id: str, dump_s: float, metadata: dict[str, Any]
+        self,
+        tmp: Path,
+        target: containers.Container,
+        snapshot_id: str,
+        dump_s: float,
+        metadata: dict[str, Any],
     ) -> dict[str, Any]:
         files: dict[str, dict[str, Any]] = {}
         for path in sorted(tmp.iterdir()):
@@ -309,8 +316,18 @@ class SnapshotStore:
         run_id = f"{snapshot.id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         log_path = self._logs / f"restore-{run_id}.log"
         pidfile = self._logs / f"restore-{run_id}.pid"
-        args = ["restore", "-D", str(snapshot.path), "-W", str(self._logs), "--restore-detached",
-                "--root", "/", "--pidfile", str(pidfile)]
+        args = [
+            "restore",
+            "-D",
+            str(snapshot.path),
+            "-W",
+            str(self._logs),
+            "--restore-detached",
+            "--root",
+            "/",
+            "--pidfile",
+            str(pidfile),
+        ]
         for role, old_pipe in snapshot.manifest["channels"].items():
             args += ["--inherit-fd", f"fd[{pipes.container_fds[role]}]:{old_pipe}"]
         try:
@@ -320,9 +337,7 @@ class SnapshotStore:
         if result.returncode != 0:
             pipes.channels.close()
             error_cls = (
-                SnapshotFileChangedError
-                if any(_FILE_CHANGED.search(line) for line in result.errors)
-                else RestoreError
+                SnapshotFileChangedError if any(_FILE_CHANGED.search(line) for line in result.errors) else RestoreError
             )
             what = (
                 "a file the snapshot needs was changed or deleted since it was made"

@@ -1,0 +1,53 @@
+"""The ``warmboot`` console script: a thin Typer app that registers one command per module.
+
+To add a command, write ``warmboot/cli/<name>.py`` with a function whose docstring is its help (with an
+example), and add one line to :data:`COMMANDS` below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from warmboot.cli import doctor
+
+HELP = """\
+[bold]warmboot[/bold] runs serverless Python functions on your own machines, with cold starts in
+milliseconds: each function's container is started once, checkpointed with CRIU into a memory snapshot,
+and every later cold start restores a copy of that snapshot instead of booting Python again.
+
+Start by checking that this host can do it (root, kernel, CRIU, namespaces, disk):
+
+    [cyan]sudo warmboot doctor[/cyan]
+
+Run [cyan]warmboot COMMAND --help[/cyan] for the details and an example of each command.
+"""
+
+# (name, function) of every command, in the order `warmboot --help` lists them. One line per command.
+COMMANDS: list[tuple[str, Callable[..., Any]]] = [
+    ("doctor", doctor.doctor),
+]
+
+app = typer.Typer(
+    name="warmboot",
+    help=HELP,
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Keep ``warmboot`` a group of commands even while it has only one (so ``warmboot doctor`` works)."""
+
+
+for _name, _func in COMMANDS:
+    app.command(name=_name)(_func)
+
+
+if __name__ == "__main__":
+    app()
