@@ -12,11 +12,11 @@ demo: setup
 	@$(PY) examples/engine_demo.py
 
 test: setup
-	@$(PY) -m ruff check warmboot tests bench
+	@$(PY) -m ruff check warmboot tests bench examples
 	@$(PY) -m pytest
 
 lint: setup
-	@$(PY) -m ruff check warmboot tests bench
+	@$(PY) -m ruff check warmboot tests bench examples
 	@$(PY) -m ruff format --check warmboot tests bench
 
 bench: setup

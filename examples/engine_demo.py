@@ -69,7 +69,7 @@ def main() -> None:
         console.print(f"  restore {i + 1}/{RUNS}: {restored[-1] * 1000:.0f} ms to the first reply (same answer)")
     store.delete(snap.id)
 
-    table = Table(title="cold start vs memory-snapshot restore (median of %d)" % RUNS)
+    table = Table(title=f"cold start vs memory-snapshot restore (median of {RUNS})")
     table.add_column("path")
     table.add_column("to first reply", justify="right")
     table.add_row("cold start (import numpy + build state)", f"{statistics.median(cold) * 1000:.0f} ms")

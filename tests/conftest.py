@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from platform_helpers import Platform
 
 from warmboot.worker import container as containers
 from warmboot.worker.snapshot import SnapshotStore
@@ -63,3 +64,12 @@ def ask(c: containers.Container, request: str) -> dict:
     line = c.channels.control_out.readline()
     assert line, f"container {c.pid} closed its control channel; stderr: {c.channels.stderr.read()!r}"
     return json.loads(line)
+
+
+@pytest.fixture(scope="session")
+def platform() -> Iterator[Platform]:
+    """One real server for the session (image builds are cached in its home); tests use distinct app names."""
+    p = Platform()
+    p.start_server()
+    yield p
+    p.close()

@@ -1,3 +1,27 @@
-"""warmboot: serverless Python functions on your own machines, with memory-snapshot cold starts."""
+"""warmboot: serverless Python functions on your own machines, with memory-snapshot cold starts.
+
+Written for Modal? ``import warmboot as modal`` and the rest of your app stays as it is.
+"""
+
+from warmboot.errors import WarmbootError
+from warmboot.sdk.app import App
+from warmboot.sdk.function import Cls, Function, FunctionCall
+from warmboot.sdk.image import Image
+from warmboot.sdk.partial import enter, exit, method
+from warmboot.sdk.secret import Secret
+from warmboot.sdk.volume import Volume
 
 __version__ = "0.1.0"
+__all__ = [
+    "App",
+    "Cls",
+    "Function",
+    "FunctionCall",
+    "Image",
+    "Secret",
+    "Volume",
+    "WarmbootError",
+    "enter",
+    "exit",
+    "method",
+]

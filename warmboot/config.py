@@ -27,3 +27,8 @@ def criu_path() -> Path:
     if DEFAULT_CRIU.exists():
         return DEFAULT_CRIU
     return Path("criu")
+
+
+def server_socket() -> Path:
+    """The local server's Unix socket (``$WARMBOOT_HOME/server.sock``; root-only)."""
+    return home() / "server.sock"

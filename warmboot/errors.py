@@ -56,3 +56,47 @@ class SnapshotCorruptError(RestoreError):
 
 class SnapshotNotFoundError(SnapshotError):
     """No published snapshot has that id."""
+
+
+class InvalidOptionError(WarmbootError, TypeError):
+    """A decorator or SDK call got an option that does not exist or a value it cannot take."""
+
+
+class UnsupportedOptionError(WarmbootError):
+    """An option this machine cannot honour (``gpu=`` with no GPU present), named at deploy or call time."""
+
+
+class AppFileError(WarmbootError):
+    """The app file could not be loaded (missing, syntax error, exception at import, no App in it)."""
+
+
+class ServerError(WarmbootError):
+    """The local server could not be reached or started, or answered with an error."""
+
+
+class NotFoundError(WarmbootError):
+    """An app, function, class, volume or secret of that name does not exist."""
+
+
+class ImageBuildError(WarmbootError):
+    """A step of an image build failed; the message holds the tail of its output."""
+
+
+class RemoteError(WarmbootError):
+    """User code raised in the container, and its exception could not be re-created here."""
+
+
+class FunctionTimeoutError(WarmbootError, TimeoutError):
+    """A call ran longer than its function's ``timeout``; the container was stopped."""
+
+
+class ContainerCrashedError(ContainerError):
+    """The container running a call died before returning a result."""
+
+
+class ContainerBootError(ContainerError):
+    """User code failed while the container started (import of the app file, or an ``@enter`` hook)."""
+
+    def __init__(self, message: str, traceback_text: str = ""):
+        super().__init__(message + ("\n" + traceback_text.rstrip() if traceback_text else ""))
+        self.traceback_text = traceback_text

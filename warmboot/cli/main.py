@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from warmboot.cli import doctor
+from warmboot.cli import deploy, doctor, manage, run
 
 HELP = """\
 [bold]warmboot[/bold] runs serverless Python functions on your own machines, with cold starts in
@@ -27,7 +27,17 @@ Run [cyan]warmboot COMMAND --help[/cyan] for the details and an example of each 
 
 # (name, function) of every command, in the order `warmboot --help` lists them. One line per command.
 COMMANDS: list[tuple[str, Callable[..., Any]]] = [
+    ("run", run.run),
+    ("deploy", deploy.deploy),
+    ("logs", manage.logs),
     ("doctor", doctor.doctor),
+]
+# (name, sub-app) of every command group, e.g. `warmboot app list`.
+GROUPS: list[tuple[str, typer.Typer]] = [
+    ("app", manage.apps),
+    ("container", manage.containers),
+    ("secret", manage.secrets),
+    ("server", manage.server),
 ]
 
 app = typer.Typer(
@@ -47,6 +57,8 @@ def _root() -> None:
 
 for _name, _func in COMMANDS:
     app.command(name=_name)(_func)
+for _name, _group in GROUPS:
+    app.add_typer(_group, name=_name)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ class ContainerSpec:
     cwd: str = "/"
     mounts: Sequence[BindMount] = ()
     private_tmp: bool = True
+    cgroup: str | None = None  #: a cgroup directory the container's init joins before it execs the command
 
 
 @dataclass
@@ -203,6 +204,8 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     bash rather than sh because the fd numbers to remap may have two digits.
     """
     steps = ["set -e", "mount --make-rprivate /"]
+    if spec.cgroup:
+        steps.append(f"echo 0 > {shlex.quote(spec.cgroup + '/cgroup.procs')}")
     for m in spec.mounts:  # before /tmp is covered: sources may live under the host's /tmp
         src, dst = shlex.quote(m.source), shlex.quote(m.target)
         steps.append(f"mkdir -p {dst} && mount --bind {src} {dst}")

@@ -48,8 +48,8 @@ _CHUNK = 4 << 20
 
 # CRIU log lines that mean "a file the snapshot refers to is not what it was at dump time".
 _FILE_CHANGED = re.compile(
-    r"has bad (size|mode|mtime)|Can't open file|Can't open vma|No such file or directory|"
-    r"Can't find file|Can't restore link remap|does not match",
+    r"\(criu/files-reg\.c:\d+\).*(has bad (size|mode|mtime)|Can't open file|No such file)|"
+    r"Can't restore link remap|Can't open vma",
 )
 
 

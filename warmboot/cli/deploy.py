@@ -1,0 +1,55 @@
+"""``warmboot deploy`` and the deploy step that ``warmboot run`` shares with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from warmboot.cli import appfile
+from warmboot.errors import WarmbootError
+from warmboot.sdk import client
+from warmboot.sdk.app import App
+
+console = Console(stderr=True)
+
+
+def push(path: Path, app: App, *, name: str | None, ephemeral: bool) -> dict[str, Any]:
+    """Send the app to the server (building its images, streaming progress) and return the server's reply."""
+    result: dict[str, Any] = {}
+    with console.status(f"Deploying {path.name} ...") as status:
+        for event in client.stream(
+            "deploy", spec=app.spec(), source=path.read_bytes(), filename=path.name, name=name, ephemeral=ephemeral
+        ):
+            if "log" in event:
+                console.print(f"[dim]{event['log']}[/dim]", highlight=False, soft_wrap=True)
+                status.update(event["log"][:100])
+            if event.get("done"):
+                result = event["value"]
+    return result
+
+
+def deploy(
+    file: str = typer.Argument(..., help="The app file (a .py file that defines a warmboot App)."),
+    name: str = typer.Option(None, "--name", help="Deploy under this name instead of the App's own."),
+) -> None:
+    """Deploy an app: its functions stay callable (by name) until stopped, across server restarts.
+
+    Example:
+
+        warmboot deploy examples/hello.py
+
+        python -c "import warmboot; print(warmboot.Function.from_name('hello', 'square').remote(7))"
+    """
+    try:
+        path, _, app = appfile.load(file)
+        result = push(path, app, name=name, ephemeral=False)
+    except WarmbootError as exc:
+        console.print(f"[red]Error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(
+        f"[green]Deployed[/green] app [bold]{result['name']}[/bold] version {result['version']}: "
+        + ", ".join(result["functions"])
+    )

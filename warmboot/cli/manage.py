@@ -1,0 +1,244 @@
+"""Commands that inspect and manage what the server runs: apps, containers, logs, secrets, the server."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import time
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from warmboot import config
+from warmboot.errors import WarmbootError
+from warmboot.sdk import client
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _fail(exc: WarmbootError) -> typer.Exit:
+    err.print(f"[red]Error:[/red] {exc}", highlight=False)
+    return typer.Exit(1)
+
+
+def _when(ts: float) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+# ----- apps and containers ---------------------------------------------------------------------------
+
+apps = typer.Typer(help="Deployed and running apps.", no_args_is_help=True)
+
+
+@apps.command("list")
+def app_list() -> None:
+    """List running apps (deployed, and ephemeral ones under `warmboot run`).
+
+    Example:
+
+        warmboot app list
+    """
+    try:
+        rows = client.request("app_list")
+    except WarmbootError as exc:
+        raise _fail(exc) from None
+    table = Table("name", "app id", "state", "version", "functions", "containers", "created")
+    for r in rows:
+        table.add_row(
+            r["name"],
+            r["app_id"],
+            r["state"],
+            str(r["version"]),
+            ", ".join(r["functions"]),
+            str(r["containers"]),
+            _when(r["created_at"]),
+        )
+    console.print(table)
+
+
+@apps.command("stop")
+def app_stop(name: str = typer.Argument(..., help="The app's name (or id).")) -> None:
+    """Stop an app: its containers shut down (running @exit hooks) and its functions stop taking calls.
+
+    Example:
+
+        warmboot app stop hello
+    """
+    try:
+        stopped = client.request("app_stop", app=name)
+    except WarmbootError as exc:
+        raise _fail(exc) from None
+    console.print(f"Stopped app [bold]{stopped}[/bold]")
+
+
+containers = typer.Typer(help="Containers the server is running.", no_args_is_help=True)
+
+
+@containers.command("list")
+def container_list() -> None:
+    """List running containers with their app, function, host PID and calls served.
+
+    Example:
+
+        warmboot container list
+    """
+    try:
+        rows = client.request("container_list")
+    except WarmbootError as exc:
+        raise _fail(exc) from None
+    table = Table("container", "app", "function", "pid", "calls", "started")
+    for r in rows:
+        table.add_row(r["id"], r["app"], r["function"], str(r["pid"]), str(r["calls"]), _when(r["started_at"]))
+    console.print(table)
+
+
+def logs(
+    app: str = typer.Argument(..., help="The app's name (or id)."),
+    follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines as they come."),
+) -> None:
+    """Print an app's log: its containers' output and what warmboot did (starts, restores, errors).
+
+    Example:
+
+        warmboot logs hello --follow
+    """
+    try:
+        for event in client.stream("logs", app=app, follow=follow):
+            if "line" in event:
+                console.print(event["line"], highlight=False, markup=False, soft_wrap=True)
+    except WarmbootError as exc:
+        raise _fail(exc) from None
+    except KeyboardInterrupt:
+        pass
+
+
+# ----- secrets ---------------------------------------------------------------------------------------
+
+secrets = typer.Typer(help="Named secrets: environment variables for containers.", no_args_is_help=True)
+
+
+@secrets.command("create")
+def secret_create(
+    name: str = typer.Argument(..., help="The secret's name."),
+    pairs: list[str] = typer.Argument(..., help="KEY=VALUE pairs."),
+) -> None:
+    """Create (or replace) a named secret; use it with `Secret.from_name(NAME)`.
+
+    Example:
+
+        warmboot secret create openai OPENAI_API_KEY=sk-...
+    """
+    values = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            err.print(f"[red]Error:[/red] {pair!r} is not KEY=VALUE")
+            raise typer.Exit(2)
+        values[key] = value
+    try:
+        client.request("secret_create", name=name, values=values)
+    except WarmbootError as exc:
+        raise _fail(exc) from None
+    console.print(f"Created secret [bold]{name}[/bold] with keys {', '.join(sorted(values))}")
+
+
+@secrets.command("list")
+def secret_list() -> None:
+    """List named secrets (their keys, never their values).
+
+    Example:
+
+        warmboot secret list
+    """
+    try:
+        rows = client.request("secret_list")
+    except WarmbootError as exc:
+        raise _fail(exc) from None
+    table = Table("name", "keys", "updated")
+    for r in rows:
+        table.add_row(r["name"], ", ".join(r["keys"]), _when(r["updated_at"]))
+    console.print(table)
+
+
+# ----- the server ------------------------------------------------------------------------------------
+
+server = typer.Typer(help="The local server (started in the background on first use).", no_args_is_help=True)
+
+
+@server.command("start")
+def server_start(
+    background: bool = typer.Option(False, "--background", "-b", help="Start it in the background and return."),
+) -> None:
+    """Run the local server in the foreground (Ctrl-C stops it), or in the background with --background.
+
+    Example:
+
+        warmboot server start --background
+    """
+    if background:
+        try:
+            client.ensure_server()
+        except WarmbootError as exc:
+            raise _fail(exc) from None
+        console.print(f"Server running (socket {config.server_socket()})")
+        return
+    from warmboot.server.daemon import run_forever
+
+    try:
+        run_forever()
+    except WarmbootError as exc:
+        raise _fail(exc) from None
+
+
+@server.command("status")
+def server_status() -> None:
+    """Say whether the server runs, its PID and what it holds.
+
+    Example:
+
+        warmboot server status
+    """
+    try:
+        with client.connect_existing() as conn:
+            conn.send({"op": "ping"})
+            info = conn.recv()["value"]
+    except (FileNotFoundError, ConnectionRefusedError):
+        console.print("Server not running")
+        raise typer.Exit(3) from None
+    console.print(
+        f"Server running: pid {info['pid']}, version {info['version']}, home {info['home']}, "
+        f"{info['apps']} app(s), up since {_when(info['started_at'])}"
+    )
+
+
+@server.command("stop")
+def server_stop() -> None:
+    """Stop the server: every container shuts down. Deployed apps stay deployed for the next start.
+
+    Example:
+
+        warmboot server stop
+    """
+    try:
+        with client.connect_existing() as conn:
+            conn.send({"op": "ping"})
+            pid = conn.recv()["value"]["pid"]
+        with client.connect_existing() as conn:
+            conn.send({"op": "server_stop"})
+            conn.recv()
+    except (FileNotFoundError, ConnectionRefusedError):
+        console.print("Server not running")
+        return
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            console.print("Server stopped")
+            return
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    console.print("Server did not stop within 60 s; killed it")

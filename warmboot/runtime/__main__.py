@@ -1,0 +1,146 @@
+"""The program every function container runs: ``python -m warmboot.runtime``.
+
+Phases, each announced on the control pipe (fd 4) so that the worker can act between them:
+
+1. import the app file and, for classes, create the instance and run its ``@enter(snap=True)`` hooks;
+2. ``snapshot_point``: initialised, no input taken: the worker may checkpoint the container here, and
+   every restored copy continues from this very read of fd 3;
+3. on ``start``: take this container's identity and current environment, run ``@enter(snap=False)`` hooks;
+4. ``ready``, then serve ``call`` messages one at a time until ``shutdown`` (``@exit`` hooks) or EOF.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Any
+
+from warmboot.runtime import wire
+
+CONTROL_IN_FD = 3
+CONTROL_OUT_FD = 4
+
+
+def _load_target(app_file: str, tag: str) -> Any:
+    """Import the app file as a module and return the ``Function`` or ``Cls`` registered as ``tag``."""
+    import importlib.util
+
+    from warmboot.sdk.app import App
+
+    directory = os.path.dirname(app_file)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    name = os.path.splitext(os.path.basename(app_file))[0]
+    spec = importlib.util.spec_from_file_location(name, app_file)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    for value in list(vars(module).values()):
+        if isinstance(value, App) and tag in value.registered:
+            return value.registered[tag]
+    raise LookupError(f"{os.path.basename(app_file)} defines no function or class {tag!r} on any App")
+
+
+class _Service:
+    """The user's callable: a function, or an instance of an ``@app.cls`` class with its hooks."""
+
+    def __init__(self, target: Any):
+        from warmboot.sdk.function import Cls
+        from warmboot.sdk.partial import lifecycle
+
+        self.instance = None
+        self.function = None
+        self.hooks: dict[str, list[str]] = {"enter_snap": [], "enter": [], "exit": [], "methods": []}
+        if isinstance(target, Cls):
+            self.instance = target.user_cls()
+            self.hooks = lifecycle(target.user_cls)
+        else:
+            self.function = target.raw_f
+
+    def run_hooks(self, kind: str) -> None:
+        for name in self.hooks[kind]:
+            getattr(self.instance, name)()
+
+    def resolve(self, method: str | None) -> Any:
+        if self.instance is None:
+            return self.function
+        if method not in self.hooks["methods"]:
+            raise AttributeError(f"no @method() named {method!r}")
+        return getattr(self.instance, method)
+
+
+def _outcome(service: _Service, method: str | None, payload: bytes) -> dict[str, Any]:
+    import cloudpickle
+
+    try:
+        args, kwargs = cloudpickle.loads(payload)
+        value = service.resolve(method)(*args, **kwargs)
+    except BaseException as exc:  # noqa: BLE001 - every user exception goes back to the caller
+        try:
+            pickled = cloudpickle.dumps(exc)
+        except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text
+            pickled = None
+        return {
+            "ok": False,
+            "exception": pickled,
+            "message": f"{type(exc).__name__}: {exc}",
+            "traceback": traceback.format_exc(),
+        }
+    try:
+        return {"ok": True, "value": cloudpickle.dumps(value)}
+    except Exception as exc:  # noqa: BLE001
+        return {
+            "ok": False,
+            "exception": None,
+            "message": f"the result ({type(value).__name__}) cannot be pickled: {exc}",
+            "traceback": "",
+        }
+
+
+def main() -> int:
+    control_in = os.fdopen(CONTROL_IN_FD, "rb", buffering=0)
+    control_out = os.fdopen(CONTROL_OUT_FD, "wb", buffering=0)
+    try:
+        service = _Service(_load_target(os.environ["WARMBOOT_APP_FILE"], os.environ["WARMBOOT_TAG"]))
+        service.run_hooks("enter_snap")
+    except BaseException:  # noqa: BLE001 - report any failure of user code, then stop
+        wire.send(control_out, {"type": wire.INIT_ERROR, "phase": "import", "traceback": traceback.format_exc()})
+        return 1
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    wire.send(control_out, {"type": wire.SNAPSHOT_POINT})
+    try:
+        start = wire.recv(control_in)  # a restored copy resumes here, on its own fresh pipe
+    except wire.ChannelClosed:
+        return 0
+    os.environ.update(start.get("env", {}))
+    try:
+        service.run_hooks("enter")
+    except BaseException:  # noqa: BLE001
+        wire.send(control_out, {"type": wire.INIT_ERROR, "phase": "enter", "traceback": traceback.format_exc()})
+        return 1
+    wire.send(control_out, {"type": wire.READY})
+
+    while True:
+        try:
+            message = wire.recv(control_in)
+        except wire.ChannelClosed:
+            break
+        if message["type"] == wire.SHUTDOWN:
+            break
+        outcome = _outcome(service, message.get("method"), message["args"])
+        sys.stdout.flush()
+        sys.stderr.flush()
+        wire.send(control_out, {"type": wire.RESULT, "call_id": message["call_id"], **outcome})
+    try:
+        service.run_hooks("exit")
+    except BaseException:  # noqa: BLE001 - an exit hook failing must not hide the shutdown
+        traceback.print_exc()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

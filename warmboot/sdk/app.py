@@ -1,0 +1,111 @@
+"""``App``: a named group of functions and classes that is deployed, run and stopped together."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from warmboot.errors import InvalidOptionError
+from warmboot.sdk import options as option_rules
+from warmboot.sdk.function import Cls, Function
+from warmboot.sdk.image import Image
+from warmboot.sdk.partial import lifecycle
+from warmboot.sdk.secret import Secret
+from warmboot.sdk.volume import Volume
+
+
+class App:
+    """A group of functions and classes that deploy together.
+
+    Example::
+
+        import warmboot as modal
+
+        app = modal.App("example")
+
+        @app.function(enable_memory_snapshot=True)
+        def square(x: int) -> int:
+            return x * x
+    """
+
+    def __init__(
+        self,
+        name: str | None = None,
+        *,
+        image: Image | None = None,
+        secrets: list[Secret] | None = None,
+        volumes: dict[str, Volume] | None = None,
+    ):
+        self.name = name
+        self.image = image
+        self.secrets = list(secrets or [])
+        self.volumes = dict(volumes or {})
+        self.registered: dict[str, Function | Cls] = {}
+        self.local_entrypoints: dict[str, Callable[..., Any]] = {}
+        self._app_id: str | None = None  # set while `warmboot run` has it running as an ephemeral app
+
+    def __repr__(self) -> str:
+        return f"App({self.name!r})"
+
+    def _register(self, tag: str, obj: Function | Cls) -> None:
+        if tag in self.registered:
+            raise InvalidOptionError(f"app {self.name!r} already has a function or class named {tag!r}")
+        self.registered[tag] = obj
+
+    def function(self, _f: Callable[..., Any] | None = None, **options: Any) -> Any:
+        """Decorator: run this function in containers. Options: see ``warmboot.sdk.options.DEFAULTS``."""
+        opts = option_rules.check("@app.function", options)
+
+        def wrap(f: Callable[..., Any]) -> Function:
+            if isinstance(f, type):
+                raise InvalidOptionError(f"@app.function got class {f.__name__}; use @app.cls for classes")
+            fn = Function(self, f.__name__, f, opts)
+            self._register(f.__name__, fn)
+            return fn
+
+        return wrap(_f) if _f is not None else wrap
+
+    def cls(self, _c: type | None = None, **options: Any) -> Any:
+        """Decorator: run instances of this class in containers, with ``@enter``/``@method``/``@exit`` hooks."""
+        opts = option_rules.check("@app.cls", options)
+
+        def wrap(user_cls: type) -> Cls:
+            if not isinstance(user_cls, type):
+                raise InvalidOptionError("@app.cls decorates classes; use @app.function for functions")
+            c = Cls(self, user_cls.__name__, user_cls, opts)
+            self._register(user_cls.__name__, c)
+            return c
+
+        return wrap(_c) if _c is not None else wrap
+
+    def local_entrypoint(self, _f: Callable[..., Any] | None = None) -> Any:
+        """Decorator: the function ``warmboot run FILE`` calls on your machine, with the app running."""
+
+        def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+            self.local_entrypoints[f.__name__] = f
+            return f
+
+        return wrap(_f) if _f is not None else wrap
+
+    def spec(self) -> dict[str, Any]:
+        """What the server needs to deploy this app: each function's options, as plain data."""
+        functions = {}
+        for tag, obj in self.registered.items():
+            opts = dict(obj.options)
+            image = opts.pop("image") or self.image or Image.debian_slim()
+            volumes = {**self.volumes, **opts.pop("volumes")}
+            secrets = [*self.secrets, *opts.pop("secrets")]
+            for path, vol in volumes.items():
+                if not isinstance(vol, Volume):
+                    raise InvalidOptionError(f"{tag}: volumes[{path!r}] must be a Volume, got {vol!r}")
+            functions[tag] = {
+                "kind": "cls" if isinstance(obj, Cls) else "function",
+                "options": opts,
+                "image": image.to_spec(),
+                "volumes": {
+                    path: {"name": v.name, "create_if_missing": v.create_if_missing} for path, v in volumes.items()
+                },
+                "secrets": [s.to_spec() for s in secrets],
+                "lifecycle": lifecycle(obj.user_cls) if isinstance(obj, Cls) else None,
+            }
+        return {"name": self.name, "functions": functions}

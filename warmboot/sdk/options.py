@@ -1,0 +1,61 @@
+"""The options of ``@app.function`` and ``@app.cls``: which exist, their defaults, and checking them early."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from warmboot.errors import InvalidOptionError
+
+DEFAULTS: dict[str, Any] = {
+    "image": None,
+    "volumes": {},
+    "secrets": [],
+    "env": {},
+    "timeout": 300.0,
+    "retries": 0,
+    "min_containers": 0,
+    "max_containers": 10,
+    "scaledown_window": 60.0,
+    "memory": None,
+    "cpu": None,
+    "gpu": None,
+    "enable_memory_snapshot": False,
+    "experimental_options": {},
+}
+KNOWN_EXPERIMENTAL = {"enable_gpu_snapshot"}
+
+
+def check(decorator: str, given: dict[str, Any]) -> dict[str, Any]:
+    """Return the full options for ``decorator`` or raise :class:`InvalidOptionError` naming the culprit."""
+    unknown = sorted(set(given) - set(DEFAULTS))
+    if unknown:
+        raise InvalidOptionError(
+            f"{decorator} got unknown option(s) {', '.join(map(repr, unknown))}; "
+            f"valid options are: {', '.join(DEFAULTS)}"
+        )
+    opts = {**DEFAULTS, **given}
+    for name in ("timeout", "scaledown_window"):
+        if not isinstance(opts[name], int | float) or opts[name] <= 0:
+            raise InvalidOptionError(f"{decorator}: {name}= must be a positive number of seconds, got {opts[name]!r}")
+    for name in ("retries", "min_containers", "max_containers"):
+        if not isinstance(opts[name], int) or opts[name] < 0:
+            raise InvalidOptionError(f"{decorator}: {name}= must be a non-negative integer, got {opts[name]!r}")
+    if opts["max_containers"] < 1:
+        raise InvalidOptionError(f"{decorator}: max_containers= must be at least 1")
+    if opts["min_containers"] > opts["max_containers"]:
+        raise InvalidOptionError(
+            f"{decorator}: min_containers={opts['min_containers']} exceeds max_containers={opts['max_containers']}"
+        )
+    if opts["memory"] is not None and (not isinstance(opts["memory"], int) or opts["memory"] <= 0):
+        raise InvalidOptionError(f"{decorator}: memory= is a number of MiB, got {opts['memory']!r}")
+    if not isinstance(opts["volumes"], dict) or not all(str(p).startswith("/") for p in opts["volumes"]):
+        raise InvalidOptionError(f"{decorator}: volumes= maps absolute paths to Volumes, got {opts['volumes']!r}")
+    if not isinstance(opts["env"], dict):
+        raise InvalidOptionError(f"{decorator}: env= must be a dict of strings, got {opts['env']!r}")
+    unknown_exp = sorted(set(opts["experimental_options"]) - KNOWN_EXPERIMENTAL)
+    if unknown_exp:
+        raise InvalidOptionError(
+            f"{decorator}: unknown experimental option(s) {', '.join(map(repr, unknown_exp))}; "
+            f"known: {', '.join(sorted(KNOWN_EXPERIMENTAL))}"
+        )
+    return opts

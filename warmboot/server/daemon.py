@@ -1,0 +1,428 @@
+"""The local server: a root-only Unix socket API over deployed apps, their pools and the calls they run."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import threading
+import time
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import warmboot
+from warmboot import config
+from warmboot.errors import (
+    InvalidOptionError,
+    NotFoundError,
+    ServerError,
+    UnsupportedOptionError,
+    WarmbootError,
+)
+from warmboot.server.logs import LogBook
+from warmboot.server.pool import Call, FunctionPool, PoolSettings
+from warmboot.server.state import AppRecord, State
+from warmboot.worker import images, runtime_lib
+from warmboot.worker.container import BindMount
+from warmboot.worker.runner import LaunchPlan
+
+log = logging.getLogger("warmboot.server")
+
+APP_MOUNT = "/app"  # where the app's code appears in its containers
+_FINISHED_CALL_TTL = 3600.0
+
+
+def gpus_present() -> list[str]:
+    """The NVIDIA GPU device nodes of this machine."""
+    return sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+
+
+class RunningApp:
+    """A deployed or ephemeral app: its record and the pools of its functions (made on first call)."""
+
+    def __init__(self, server: Server, record: AppRecord):
+        self.server = server
+        self.record = record
+        self.pools: dict[str, FunctionPool] = {}
+        self._lock = threading.Lock()
+
+    def function_spec(self, tag: str) -> dict[str, Any]:
+        try:
+            return self.record.spec["functions"][tag]
+        except KeyError:
+            names = ", ".join(self.record.spec["functions"]) or "none"
+            raise NotFoundError(
+                f"app {self.record.name!r} has no function or class {tag!r} (it has: {names})"
+            ) from None
+
+    def pool(self, tag: str) -> FunctionPool:
+        with self._lock:
+            if tag not in self.pools:
+                self.pools[tag] = self._make_pool(tag)
+            return self.pools[tag]
+
+    def _secret_env(self, fspec: dict[str, Any]) -> dict[str, str]:
+        env: dict[str, str] = {}
+        for secret in fspec["secrets"]:
+            env.update(self.server.state.get_secret(secret["name"]) if secret.get("name") else secret["values"])
+        return env
+
+    def _make_pool(self, tag: str) -> FunctionPool:
+        fspec = self.function_spec(tag)
+        opts = fspec["options"]
+        label = f"{self.record.name}.{tag}"
+        home = self.server.home
+
+        def make_plan() -> LaunchPlan:
+            image = images.build_image(fspec["image"], root=home / "images")
+            mounts = [BindMount(self.record.code_dir, APP_MOUNT, read_only=True)]
+            for path, vol in fspec["volumes"].items():
+                mounts.append(BindMount(str(self.server.volume_dir(vol["name"])), path))
+            mounts.extend(image.mounts)
+            env = {**image.env, **self._secret_env(fspec), **opts["env"]}
+            return LaunchPlan(
+                python=image.python,
+                app_file=f"{APP_MOUNT}/{self.record.app_file}",
+                tag=tag,
+                env=env,
+                mounts=mounts,
+                memory_mib=opts["memory"],
+                label=label,
+                runtime_path=":".join([str(runtime_lib.ensure(home)), *image.pythonpath]),
+            )
+
+        def start_env() -> dict[str, str]:
+            return {**self._secret_env(fspec), **opts["env"]}
+
+        def on_output(container_id: str, stream: str, line: str) -> None:
+            self.server.logs.write(self.record.name, f"{tag} {container_id}", line)
+
+        settings = PoolSettings(
+            label=label,
+            timeout=float(opts["timeout"]),
+            retries=int(opts["retries"]),
+            min_containers=int(opts["min_containers"]),
+            max_containers=int(opts["max_containers"]),
+            scaledown_window=float(opts["scaledown_window"]),
+        )
+        return FunctionPool(settings, make_plan, start_env, on_output, self.event)
+
+    def event(self, text: str) -> None:
+        log.info("%s: %s", self.record.name, text)
+        self.server.logs.write(self.record.name, "warmboot", text)
+
+    def start_min_containers(self) -> None:
+        for tag, fspec in self.record.spec["functions"].items():
+            if fspec["options"]["min_containers"] > 0:
+                self.pool(tag).ensure_min()
+
+    def stop(self) -> None:
+        with self._lock:
+            pools = list(self.pools.values())
+        for p in pools:
+            p.stop()
+
+
+class Server:
+    """The server's state in memory: running apps, calls in flight, and the request handlers."""
+
+    def __init__(self, home: Path | None = None):
+        self.home = home or config.home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.home, 0o700)
+        self.state = State(self.home / "state.db")
+        self.logs = LogBook(self.home / "logs")
+        self.apps: dict[str, RunningApp] = {}
+        self.calls: dict[str, Call] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.started_at = time.time()
+        self.state.stop_ephemeral()
+        for record in self.state.running_apps():
+            app = self.apps[record.app_id] = RunningApp(self, record)
+            threading.Thread(target=app.start_min_containers, daemon=True).start()
+
+    def volume_dir(self, name: str) -> Path:
+        return self.home / "volumes" / name
+
+    # ----- resolving targets -----------------------------------------------------------------------
+
+    def running_app(self, *, app_id: str | None = None, app_name: str | None = None) -> RunningApp:
+        if app_id is None:
+            if not app_name:
+                raise InvalidOptionError("name an app (by name or id)")
+            app_id = app_name if app_name.startswith("ap-") else self.state.deployed(app_name).app_id
+        with self._lock:
+            app = self.apps.get(app_id)
+        if app is None:
+            raise NotFoundError(f"app {app_name or app_id} is not running (stopped, or an ended `warmboot run`)")
+        return app
+
+    # ----- operations ------------------------------------------------------------------------------
+
+    def op_ping(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "version": warmboot.__version__,
+            "home": str(self.home),
+            "started_at": self.started_at,
+            "apps": len(self.apps),
+        }
+
+    def op_deploy(self, msg: dict[str, Any], emit: Any) -> dict[str, Any]:
+        spec, name = msg["spec"], msg.get("name") or msg["spec"].get("name")
+        if not name:
+            raise InvalidOptionError("the App has no name: give it one, App('my-app'), or pass --name")
+        functions = spec["functions"]
+        if not functions:
+            raise InvalidOptionError(f"app {name!r} defines no @app.function or @app.cls: nothing to deploy")
+        gpus = gpus_present()
+        for tag, fspec in functions.items():
+            if fspec["options"].get("gpu") and not gpus:
+                raise UnsupportedOptionError(
+                    f"{name}.{tag}: gpu={fspec['options']['gpu']!r} cannot be honoured: this machine has no "
+                    "NVIDIA GPU (no /dev/nvidia* devices). Remove gpu= or deploy on a machine with one."
+                )
+            for path, vol in fspec["volumes"].items():
+                vdir = self.volume_dir(vol["name"])
+                if not vdir.is_dir():
+                    if not vol["create_if_missing"]:
+                        raise NotFoundError(
+                            f"{name}.{tag}: volume {vol['name']!r} (for {path}) does not exist; "
+                            "use Volume.from_name(name, create_if_missing=True)"
+                        )
+                    vdir.mkdir(parents=True)
+                    emit({"log": f"Created volume {vol['name']}"})
+            for secret in fspec["secrets"]:
+                if secret.get("name"):
+                    self.state.get_secret(secret["name"])
+        built: dict[str, str] = {}
+        for tag, fspec in functions.items():
+            key = repr(sorted(fspec["image"].items()))
+            if key not in built:
+                emit({"log": f"Building image for {name}.{tag} (python {fspec['image']['python_version']})"})
+                image = images.build_image(
+                    fspec["image"], root=self.home / "images", progress=lambda line: emit({"log": line})
+                )
+                built[key] = image.digest
+            fspec["image_digest"] = built[key]
+        source: bytes = msg["source"]
+        code_dir = self.home / "code" / hashlib.sha256(source + msg["filename"].encode()).hexdigest()[:16]
+        code_dir.mkdir(parents=True, exist_ok=True)
+        (code_dir / msg["filename"]).write_bytes(source)
+        ephemeral = bool(msg.get("ephemeral"))
+        previous = None
+        if not ephemeral:
+            with contextlib.suppress(NotFoundError):
+                previous = self.state.deployed(name)
+        record = self.state.add_app(
+            name, ephemeral=ephemeral, spec=spec, code_dir=str(code_dir), app_file=msg["filename"]
+        )
+        app = RunningApp(self, record)
+        with self._lock:
+            self.apps[record.app_id] = app
+            old = self.apps.pop(previous.app_id, None) if previous else None
+        if old is not None:
+            threading.Thread(target=old.stop, daemon=True).start()
+        app.event(
+            f"{'Running' if ephemeral else 'Deployed'} app {name} version {record.version} ({', '.join(functions)})"
+        )
+        app.start_min_containers()
+        return {"app_id": record.app_id, "name": name, "version": record.version, "functions": list(functions)}
+
+    def _submit(self, msg: dict[str, Any]) -> Call:
+        target = msg["target"]
+        app = self.running_app(app_id=target.get("app_id"), app_name=target.get("app_name"))
+        fspec = app.function_spec(target["tag"])
+        method = target.get("method")
+        if fspec["kind"] == "cls":
+            if method not in fspec["lifecycle"]["methods"]:
+                raise NotFoundError(f"{app.record.name}.{target['tag']} has no @method() named {method!r}")
+        elif method is not None:
+            raise InvalidOptionError(f"{app.record.name}.{target['tag']} is a function, not a class")
+        if fspec["options"].get("gpu") and not gpus_present():
+            raise UnsupportedOptionError(f"{app.record.name}.{target['tag']}: gpu= needs an NVIDIA GPU; none here")
+        call = Call(method=method, args=msg["args"])
+        with self._lock:
+            self._forget_old_calls()
+            self.calls[call.call_id] = call
+        app.pool(target["tag"]).submit(call)
+        return call
+
+    def _forget_old_calls(self) -> None:
+        cutoff = time.time() - _FINISHED_CALL_TTL
+        for call_id in [c.call_id for c in self.calls.values() if c.done.is_set() and c.submitted_at < cutoff]:
+            del self.calls[call_id]
+
+    def op_call(self, msg: dict[str, Any]) -> dict[str, Any]:
+        call = self._submit(msg)
+        call.done.wait()
+        with self._lock:
+            self.calls.pop(call.call_id, None)
+        assert call.outcome is not None
+        return call.outcome
+
+    def op_submit(self, msg: dict[str, Any]) -> str:
+        return self._submit(msg).call_id
+
+    def op_get(self, msg: dict[str, Any]) -> dict[str, Any] | None:
+        with self._lock:
+            call = self.calls.get(msg["call_id"])
+        if call is None:
+            raise NotFoundError(f"no call {msg['call_id']} (unknown, or its result was already fetched long ago)")
+        if not call.done.wait(msg.get("timeout")):
+            return None
+        return call.outcome
+
+    def op_app_list(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        with self._lock:
+            apps = list(self.apps.values())
+        return [
+            {
+                "app_id": a.record.app_id,
+                "name": a.record.name,
+                "state": a.record.state,
+                "version": a.record.version,
+                "created_at": a.record.created_at,
+                "functions": list(a.record.spec["functions"]),
+                "containers": sum(len(p.describe()) for p in list(a.pools.values())),
+            }
+            for a in apps
+        ]
+
+    def op_app_stop(self, msg: dict[str, Any]) -> str:
+        app = self.running_app(app_name=msg["app"])
+        with self._lock:
+            self.apps.pop(app.record.app_id, None)
+        self.state.stop_app(app.record.app_id)
+        app.event(f"Stopping app {app.record.name}")
+        app.stop()
+        return app.record.name
+
+    def op_container_list(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        with self._lock:
+            apps = list(self.apps.values())
+        return [{"app": a.record.name, **c} for a in apps for p in list(a.pools.values()) for c in p.describe()]
+
+    def op_secret_create(self, msg: dict[str, Any]) -> str:
+        self.state.put_secret(msg["name"], msg["values"])
+        return msg["name"]
+
+    def op_secret_list(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        return self.state.list_secrets()
+
+    def op_logs(self, msg: dict[str, Any], emit: Any) -> None:
+        name = msg["app"]
+        if name.startswith("ap-"):
+            name = self.state.get_app(name).name
+        elif not self.logs.path(name).exists():
+            raise NotFoundError(f"no logs for an app named {name!r}")
+        for line in self.logs.follow(
+            name,
+            from_end=bool(msg.get("from_end")),
+            follow=bool(msg.get("follow")),
+            keep_going=lambda: not self._stop.is_set(),
+        ):
+            emit({"line": line})
+
+    def op_server_stop(self, msg: dict[str, Any]) -> None:
+        threading.Thread(target=self.shutdown, daemon=True).start()
+
+    STREAMING = frozenset({"deploy", "logs"})
+
+    # ----- serving ---------------------------------------------------------------------------------
+
+    def handle(self, conn: Connection) -> None:
+        with conn:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                return
+            op = msg.get("op", "")
+            handler = getattr(self, f"op_{op}", None)
+            try:
+                if handler is None:
+                    raise InvalidOptionError(f"unknown server operation {op!r}")
+                if op in self.STREAMING:
+                    value = handler(msg, conn.send)
+                    conn.send({"ok": True, "done": True, "value": value})
+                else:
+                    conn.send({"ok": True, "value": handler(msg)})
+            except (BrokenPipeError, ConnectionResetError, EOFError):
+                return
+            except WarmbootError as exc:
+                with contextlib.suppress(OSError):
+                    conn.send({"ok": False, "error_type": type(exc).__name__, "message": str(exc)})
+            except Exception as exc:
+                log.exception("operation %s failed", op)
+                with contextlib.suppress(OSError):
+                    conn.send(
+                        {
+                            "ok": False,
+                            "error_type": "ServerError",
+                            "message": f"internal error in {op}: {type(exc).__name__}: {exc}",
+                        }
+                    )
+
+    def serve(self) -> None:
+        sock = config.server_socket()
+        if sock.exists():
+            try:
+                Client(str(sock), family="AF_UNIX").close()
+            except (ConnectionRefusedError, FileNotFoundError):
+                sock.unlink(missing_ok=True)
+            else:
+                raise ServerError(f"a warmboot server is already running on {sock}")
+        old_umask = os.umask(0o177)  # the socket is born root-only
+        try:
+            listener = Listener(str(sock), family="AF_UNIX")
+        finally:
+            os.umask(old_umask)
+        os.chmod(sock, 0o600)
+        self._listener = listener
+        (self.home / "server.pid").write_text(str(os.getpid()))
+        log.info("warmboot server %s listening on %s (pid %d)", warmboot.__version__, sock, os.getpid())
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn = listener.accept()
+                except OSError:
+                    if self._stop.is_set():
+                        break
+                    raise
+                threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+        finally:
+            with contextlib.suppress(OSError):
+                listener.close()
+
+    def shutdown(self) -> None:
+        """Stop every app's containers (running their @exit hooks) and stop serving."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        log.info("server stopping")
+        with self._lock:
+            apps = list(self.apps.values())
+        threads = [threading.Thread(target=a.stop) for a in apps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        with contextlib.suppress(OSError):
+            config.server_socket().unlink()
+        with contextlib.suppress(OSError):
+            (self.home / "server.pid").unlink()
+        with contextlib.suppress(OSError):
+            self._listener.close()
+        os._exit(0)
+
+
+def run_forever() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    server = Server()
+    signal.signal(signal.SIGTERM, lambda *_: server.shutdown())
+    signal.signal(signal.SIGINT, lambda *_: server.shutdown())
+    server.serve()

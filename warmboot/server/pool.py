@@ -1,0 +1,215 @@
+"""One pool of containers per deployed function: its input queue, and when containers start and stop.
+
+Containers *pull* inputs: each container has a thread that takes the next queued input, runs it and comes
+back for more. A new container starts when an input arrives and no container is idle (up to
+``max_containers``); an idle container stops after ``scaledown_window`` seconds (down to
+``min_containers``). Every accepted input ends with a result or an error: a container that dies mid-call
+fails that call (or retries it, up to ``retries``), and inputs left queued get a fresh container.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from warmboot.errors import (
+    ContainerBootError,
+    ContainerCrashedError,
+    FunctionTimeoutError,
+    WarmbootError,
+)
+from warmboot.worker.runner import FunctionContainer, LaunchPlan
+
+log = logging.getLogger("warmboot.pool")
+
+
+@dataclass
+class Call:
+    """One accepted input and, once done, its outcome (the dict the SDK unpacks)."""
+
+    method: str | None
+    args: bytes
+    call_id: str = field(default_factory=lambda: "fc-" + uuid.uuid4().hex[:16])
+    attempts: int = 0
+    submitted_at: float = field(default_factory=time.time)
+    outcome: dict[str, Any] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def finish(self, outcome: dict[str, Any]) -> None:
+        if not self.done.is_set():
+            self.outcome = outcome
+            self.done.set()
+
+    def fail(self, exc: WarmbootError) -> None:
+        self.finish(
+            {"ok": False, "exception": None, "error_type": type(exc).__name__, "message": str(exc), "traceback": ""}
+        )
+
+
+@dataclass
+class PoolSettings:
+    label: str  #: "app.function", for logs
+    timeout: float
+    retries: int
+    min_containers: int
+    max_containers: int
+    scaledown_window: float
+
+
+class FunctionPool:
+    """Containers of one function, the queue of inputs waiting for them, and the rules that scale them."""
+
+    def __init__(
+        self,
+        settings: PoolSettings,
+        make_plan: Callable[[], LaunchPlan],
+        start_env: Callable[[], dict[str, str]],
+        on_output: Callable[[str, str, str], None],
+        on_event: Callable[[str], None],
+    ):
+        self.settings = settings
+        self._make_plan = make_plan
+        self._start_env = start_env
+        self._on_output = on_output
+        self._event = on_event
+        self._queue: collections.deque[Call] = collections.deque()
+        self._cond = threading.Condition()
+        self._containers: dict[str, FunctionContainer] = {}
+        self._booting = 0
+        self._idle = 0
+        self._stopping = False
+
+    # ----- the caller's side -------------------------------------------------------------------------
+
+    def submit(self, call: Call) -> None:
+        with self._cond:
+            if self._stopping:
+                call.fail(WarmbootError(f"{self.settings.label} is stopped"))
+                return
+            self._queue.append(call)
+            self._cond.notify()
+            self._scale_up_locked()
+
+    def ensure_min(self) -> None:
+        with self._cond:
+            while len(self._containers) + self._booting < self.settings.min_containers:
+                self._spawn_locked()
+
+    def describe(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return [
+                {
+                    "id": c.id,
+                    "function": self.settings.label,
+                    "started_at": c.started_at,
+                    "calls": c.calls_served,
+                    "pid": c.container.pid if c.container else None,
+                }
+                for c in self._containers.values()
+            ]
+
+    def stop(self) -> None:
+        """Stop taking inputs, fail those still queued, and shut every container down (running @exit)."""
+        with self._cond:
+            self._stopping = True
+            leftover = list(self._queue)
+            self._queue.clear()
+            containers = list(self._containers.values())
+            self._cond.notify_all()
+        for call in leftover:
+            call.fail(WarmbootError(f"{self.settings.label} was stopped before this input ran"))
+        for c in containers:
+            c.shutdown()
+
+    # ----- scaling -------------------------------------------------------------------------------------
+
+    def _scale_up_locked(self) -> None:
+        waiting = len(self._queue)
+        capacity = self.settings.max_containers - len(self._containers) - self._booting
+        needed = waiting - self._idle - self._booting
+        for _ in range(max(0, min(needed, capacity))):
+            self._spawn_locked()
+
+    def _spawn_locked(self) -> None:
+        self._booting += 1
+        threading.Thread(target=self._run_container, name=f"pool-{self.settings.label}", daemon=True).start()
+
+    def _run_container(self) -> None:
+        fc = FunctionContainer(self._make_plan(), self._on_output)
+        started = time.monotonic()
+        try:
+            fc.boot()
+            fc.start(self._start_env())
+        except WarmbootError as exc:
+            fc.kill()
+            self._boot_failed(exc)
+            return
+        self._event(
+            f"Container {fc.id} started for {self.settings.label} (cold boot in {time.monotonic() - started:.2f} s)"
+        )
+        with self._cond:
+            self._booting -= 1
+            self._containers[fc.id] = fc
+        try:
+            self._serve(fc)
+        finally:
+            with self._cond:
+                self._containers.pop(fc.id, None)
+            fc.shutdown()
+            with self._cond:
+                # Inputs still queued must not be stranded by a container that went away.
+                if not self._stopping:
+                    self._scale_up_locked()
+
+    def _boot_failed(self, exc: WarmbootError) -> None:
+        """A container could not start: the inputs waiting for it would meet the same failure, so fail them."""
+        self._event(f"Container for {self.settings.label} failed to start: {str(exc).splitlines()[0]}")
+        with self._cond:
+            self._booting -= 1
+            if self._containers or self._booting:
+                return  # others will serve the queue
+            failed = list(self._queue)
+            self._queue.clear()
+        for call in failed:
+            call.fail(exc if isinstance(exc, ContainerBootError) else ContainerBootError(str(exc)))
+
+    def _next_call(self) -> Call | None:
+        """The next input for an idle container, or ``None`` when it should stop (scale-down, pool stop)."""
+        with self._cond:
+            self._idle += 1
+            try:
+                while True:
+                    if self._stopping:
+                        return None
+                    if self._queue:
+                        return self._queue.popleft()
+                    timed_out = not self._cond.wait(self.settings.scaledown_window)
+                    if timed_out and not self._queue and len(self._containers) > self.settings.min_containers:
+                        return None
+            finally:
+                self._idle -= 1
+
+    def _serve(self, fc: FunctionContainer) -> None:
+        while (call := self._next_call()) is not None:
+            call.attempts += 1
+            try:
+                outcome = fc.call(call.call_id, call.method, call.args, self.settings.timeout)
+            except FunctionTimeoutError as exc:
+                self._event(str(exc))
+                call.fail(exc)
+                return
+            except ContainerCrashedError as exc:
+                self._event(f"{exc}; call {call.call_id} attempt {call.attempts} of {self.settings.retries + 1}")
+                if call.attempts <= self.settings.retries:
+                    with self._cond:
+                        self._queue.appendleft(call)
+                else:
+                    call.fail(exc)
+                return
+            call.finish(outcome)

@@ -1,0 +1,162 @@
+"""Durable state of the local server: apps (deployed, ephemeral, stopped) and named secrets, in SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from warmboot.errors import NotFoundError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS apps (
+    app_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    state TEXT NOT NULL,            -- deployed | ephemeral | stopped
+    version INTEGER NOT NULL,
+    spec TEXT NOT NULL,             -- JSON: the App's spec() plus resolved image digests
+    code_dir TEXT NOT NULL,
+    app_file TEXT NOT NULL,         -- file name inside code_dir
+    created_at REAL NOT NULL,
+    stopped_at REAL
+);
+CREATE INDEX IF NOT EXISTS apps_by_name ON apps(name, state);
+CREATE TABLE IF NOT EXISTS secrets (
+    name TEXT PRIMARY KEY,
+    "values" TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class AppRecord:
+    app_id: str
+    name: str
+    state: str
+    version: int
+    spec: dict[str, Any]
+    code_dir: str
+    app_file: str
+    created_at: float
+
+
+class State:
+    """The server's SQLite database (one connection, serialised by a lock; the server is one process)."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        os.chmod(path, 0o600)  # secrets live here
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+
+    def _rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    @staticmethod
+    def _app(row: tuple[Any, ...]) -> AppRecord:
+        app_id, name, state, version, spec, code_dir, app_file, created_at = row
+        return AppRecord(app_id, name, state, version, json.loads(spec), code_dir, app_file, created_at)
+
+    _APP_COLS = "app_id, name, state, version, spec, code_dir, app_file, created_at"
+
+    def add_app(self, name: str, *, ephemeral: bool, spec: dict[str, Any], code_dir: str, app_file: str) -> AppRecord:
+        """Record a new deployment (superseding the previous one of that name) or an ephemeral app."""
+        app_id = "ap-" + uuid.uuid4().hex[:12]
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                version = 1
+                if not ephemeral:
+                    row = self._db.execute(
+                        "SELECT MAX(version) FROM apps WHERE name = ? AND state != 'ephemeral'", (name,)
+                    ).fetchone()
+                    version = (row[0] or 0) + 1
+                    self._db.execute(
+                        "UPDATE apps SET state = 'stopped', stopped_at = ? WHERE name = ? AND state = 'deployed'",
+                        (time.time(), name),
+                    )
+                self._db.execute(
+                    f"INSERT INTO apps ({self._APP_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        app_id,
+                        name,
+                        "ephemeral" if ephemeral else "deployed",
+                        version,
+                        json.dumps(spec),
+                        code_dir,
+                        app_file,
+                        time.time(),
+                    ),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return self.get_app(app_id)
+
+    def get_app(self, app_id: str) -> AppRecord:
+        rows = self._rows(f"SELECT {self._APP_COLS} FROM apps WHERE app_id = ?", app_id)
+        if not rows:
+            raise NotFoundError(f"no app with id {app_id}")
+        return self._app(rows[0])
+
+    def deployed(self, name: str) -> AppRecord:
+        """The current deployment named ``name``."""
+        rows = self._rows(f"SELECT {self._APP_COLS} FROM apps WHERE name = ? AND state = 'deployed'", name)
+        if not rows:
+            raise NotFoundError(f"no deployed app named {name!r}; deploy it with `warmboot deploy FILE`")
+        return self._app(rows[0])
+
+    def running_apps(self) -> list[AppRecord]:
+        return [
+            self._app(r)
+            for r in self._rows(
+                f"SELECT {self._APP_COLS} FROM apps WHERE state IN ('deployed', 'ephemeral') ORDER BY created_at"
+            )
+        ]
+
+    def stop_app(self, app_id: str) -> None:
+        self._rows("UPDATE apps SET state = 'stopped', stopped_at = ? WHERE app_id = ?", time.time(), app_id)
+
+    def stop_ephemeral(self) -> list[str]:
+        """Ephemeral apps do not outlive the server that ran them; mark leftovers stopped at start."""
+        ids = [r[0] for r in self._rows("SELECT app_id FROM apps WHERE state = 'ephemeral'")]
+        for app_id in ids:
+            self.stop_app(app_id)
+        return ids
+
+    # ----- secrets ---------------------------------------------------------------------------------
+
+    def put_secret(self, name: str, values: dict[str, str]) -> None:
+        now = time.time()
+        self._rows(
+            'INSERT INTO secrets (name, "values", created_at, updated_at) VALUES (?, ?, ?, ?) '
+            'ON CONFLICT(name) DO UPDATE SET "values" = excluded."values", updated_at = excluded.updated_at',
+            name,
+            json.dumps(values),
+            now,
+            now,
+        )
+
+    def get_secret(self, name: str) -> dict[str, str]:
+        rows = self._rows('SELECT "values" FROM secrets WHERE name = ?', name)
+        if not rows:
+            raise NotFoundError(f"no secret named {name!r}; create it with `warmboot secret create {name} KEY=VALUE`")
+        return json.loads(rows[0][0])
+
+    def list_secrets(self) -> list[dict[str, Any]]:
+        return [
+            {"name": n, "keys": sorted(json.loads(v)), "created_at": c, "updated_at": u}
+            for n, v, c, u in self._rows('SELECT name, "values", created_at, updated_at FROM secrets ORDER BY name')
+        ]

@@ -1,0 +1,194 @@
+"""Function containers: boot the in-container runtime, drive its phases, and run calls on it.
+
+The control plane decides *when* to start, reuse or stop containers; this module knows *how*: the launch
+(or, with issue 4, the restore), the handshake at the snapshot point, calls with timeouts, and shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from warmboot.errors import ContainerBootError, ContainerCrashedError, ContainerError, FunctionTimeoutError
+from warmboot.runtime import wire
+from warmboot.worker import cgroups
+from warmboot.worker import container as containers
+
+log = logging.getLogger("warmboot.worker")
+
+OutputSink = Callable[[str, str, str], None]  # (container id, "stdout" | "stderr", line)
+
+
+@dataclass
+class LaunchPlan:
+    """Everything needed to start one function's container."""
+
+    python: str  #: the image's interpreter
+    app_file: str  #: the app file, as a path inside the container
+    tag: str  #: the function or class to serve
+    env: Mapping[str, str]
+    mounts: Sequence[containers.BindMount] = ()
+    memory_mib: int | None = None
+    boot_timeout: float = 600.0
+    label: str = ""  #: "app.function", for logs
+    runtime_path: str = ""  #: PYTHONPATH entry holding warmboot's runtime
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class FunctionContainer:
+    """One running container serving one function or class; not thread-safe (one call at a time)."""
+
+    def __init__(self, plan: LaunchPlan, on_output: OutputSink):
+        self.id = "wc-" + uuid.uuid4().hex[:12]
+        self.plan = plan
+        self.on_output = on_output
+        self.container: containers.Container | None = None
+        self.started_at = time.time()
+        self.calls_served = 0
+        self._cgroup: Path | None = None
+        self._pumps: list[threading.Thread] = []
+
+    def __repr__(self) -> str:
+        return f"<FunctionContainer {self.id} {self.plan.label}>"
+
+    # ----- lifecycle ---------------------------------------------------------------------------------
+
+    def boot(self) -> None:
+        """Start the container cold and run it up to its snapshot point (imports, ``@enter(snap=True)``)."""
+        env = {
+            **self.plan.env,
+            "WARMBOOT_APP_FILE": self.plan.app_file,
+            "WARMBOOT_TAG": self.plan.tag,
+            "WARMBOOT_IN_CONTAINER": "1",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": ":".join(p for p in (self.plan.runtime_path, self.plan.env.get("PYTHONPATH", "")) if p),
+        }
+        if self.plan.memory_mib:
+            self._cgroup = cgroups.create_memory_cgroup(self.id, self.plan.memory_mib)
+        spec = containers.ContainerSpec(
+            argv=[self.plan.python, "-m", "warmboot.runtime"],
+            env=env,
+            mounts=self.plan.mounts,
+            cgroup=str(self._cgroup) if self._cgroup else None,
+        )
+        self.container = containers.start(spec)
+        self._start_pumps()
+        self._expect(wire.SNAPSHOT_POINT, self.plan.boot_timeout, "booting")
+
+    def start(self, env: Mapping[str, str]) -> None:
+        """Continue past the snapshot point with this container's environment; run ``@enter(snap=False)``."""
+        self._send({"type": wire.START, "env": dict(env), "container_id": self.id})
+        self._expect(wire.READY, self.plan.boot_timeout, "running @enter hooks")
+
+    def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> dict[str, Any]:
+        """Run one call; return its outcome dict (``ok``, ``value`` or ``exception``/``traceback``).
+
+        Raises :class:`FunctionTimeoutError` (the container is killed) or :class:`ContainerCrashedError`.
+        """
+        self._send({"type": wire.CALL, "call_id": call_id, "method": method, "args": args})
+        try:
+            reply = self._recv(timeout)
+        except TimeoutError:
+            self.kill()
+            raise FunctionTimeoutError(
+                f"{self.plan.label} call {call_id} exceeded its timeout of {timeout:g} s; the container was stopped"
+            ) from None
+        self.calls_served += 1
+        return reply
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Ask the runtime to run ``@exit`` hooks and stop; kill it if it does not within ``timeout``."""
+        if self.container is None or not self.container.is_running():
+            self.kill()
+            return
+        with contextlib.suppress(OSError, ContainerCrashedError):
+            self._send({"type": wire.SHUTDOWN})
+        with contextlib.suppress(TimeoutError):
+            self.container.wait(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        """Kill the container (if still running), wait for its output to drain, release its cgroup."""
+        if self.container is not None:
+            with contextlib.suppress(OSError, TimeoutError):
+                self.container.kill()
+        for pump in self._pumps:
+            pump.join(timeout=2)
+        if self._cgroup is not None:
+            cgroups.remove(self._cgroup)
+            self._cgroup = None
+
+    def is_alive(self) -> bool:
+        return self.container is not None and self.container.is_running()
+
+    # ----- plumbing ----------------------------------------------------------------------------------
+
+    def _start_pumps(self) -> None:
+        assert self.container is not None
+        for stream_name in ("stdout", "stderr"):
+            stream = getattr(self.container.channels, stream_name)
+            pump = threading.Thread(
+                target=self._pump, args=(stream, stream_name), name=f"{self.id}-{stream_name}", daemon=True
+            )
+            pump.start()
+            self._pumps.append(pump)
+
+    def _pump(self, stream: Any, stream_name: str) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(stream.readline, b""):
+                self.on_output(self.id, stream_name, raw.decode(errors="replace").rstrip("\n"))
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self.container is not None
+        try:
+            wire.send(self.container.channels.control_in, message)
+        except (BrokenPipeError, ValueError, OSError) as exc:
+            raise ContainerCrashedError(self._death_note("before the input could be sent")) from exc
+
+    def _recv(self, timeout: float) -> dict[str, Any]:
+        assert self.container is not None
+        stream = self.container.channels.control_out
+        ready, _, _ = select.select([stream], [], [], timeout)
+        if not ready:
+            raise TimeoutError
+        try:
+            return wire.recv(stream)
+        except wire.ChannelClosed:
+            raise ContainerCrashedError(self._death_note("while running")) from None
+
+    def _death_note(self, when: str) -> str:
+        code = None
+        if self.container is not None:
+            with contextlib.suppress(TimeoutError):
+                code = self.container.wait(timeout=2)
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        if code == -9 and self._cgroup is not None:
+            how += f" (possibly out of memory: memory={self.plan.memory_mib} MiB)"
+        return f"container {self.id} of {self.plan.label} died {when} ({how})"
+
+    def _expect(self, kind: str, timeout: float, doing: str) -> None:
+        try:
+            message = self._recv(timeout)
+        except TimeoutError:
+            self.kill()
+            raise ContainerError(
+                f"{self.plan.label}: container {self.id} did not finish {doing} within {timeout:g} s"
+            ) from None
+        except ContainerCrashedError as exc:
+            self.kill()
+            raise ContainerBootError(f"{self.plan.label}: {exc}", "") from None
+        if message["type"] == wire.INIT_ERROR:
+            self.kill()
+            phase = "importing the app" if message.get("phase") == "import" else "running @enter hooks"
+            raise ContainerBootError(f"{self.plan.label} failed while {phase}:", message.get("traceback", ""))
+        if message["type"] != kind:
+            self.kill()
+            raise ContainerError(f"{self.plan.label}: expected {kind!r} from the container, got {message['type']!r}")
