@@ -163,6 +163,15 @@ def secret_list() -> None:
     console.print(table)
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie waiting for its parent to reap it has stopped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
 # ----- the server ------------------------------------------------------------------------------------
 
 server = typer.Typer(help="The local server (started in the background on first use).", no_args_is_help=True)
@@ -234,9 +243,7 @@ def server_stop() -> None:
         return
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
             console.print("Server stopped")
             return
         time.sleep(0.05)
