@@ -117,6 +117,7 @@ def main() -> int:
     except wire.ChannelClosed:
         return 0
     os.environ.update(start.get("env", {}))
+    os.environ["WARMBOOT_CONTAINER_ID"] = start["container_id"]
     try:
         service.run_hooks("enter")
     except BaseException:  # noqa: BLE001
