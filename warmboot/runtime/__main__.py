@@ -71,6 +71,19 @@ class _Service:
         return getattr(self.instance, method)
 
 
+def _reseed() -> None:
+    """Give a restored copy its own random streams: every copy starts from the same captured RNG state."""
+    import random
+
+    random.seed(os.urandom(32))
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(int.from_bytes(os.urandom(4), "little"))
+    torch = sys.modules.get("torch")
+    if torch is not None and hasattr(torch, "manual_seed"):
+        torch.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+
+
 def _outcome(service: _Service, method: str | None, payload: bytes) -> dict[str, Any]:
     import cloudpickle
 
@@ -118,6 +131,8 @@ def main() -> int:
         return 0
     os.environ.update(start.get("env", {}))
     os.environ["WARMBOOT_CONTAINER_ID"] = start["container_id"]
+    if start.get("reseed"):
+        _reseed()
     try:
         service.run_hooks("enter")
     except BaseException:  # noqa: BLE001

@@ -24,11 +24,13 @@ from warmboot.errors import (
     WarmbootError,
 )
 from warmboot.server.logs import LogBook
-from warmboot.server.pool import Call, FunctionPool, PoolSettings
+from warmboot.server.pool import Call, FunctionPool, PoolSettings, SnapshotPlan
+from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.state import AppRecord, State
 from warmboot.worker import images, runtime_lib
 from warmboot.worker.container import BindMount
 from warmboot.worker.runner import LaunchPlan
+from warmboot.worker.snapshot import SnapshotStore
 
 log = logging.getLogger("warmboot.server")
 
@@ -101,7 +103,17 @@ class RunningApp:
         def on_output(container_id: str, stream: str, line: str) -> None:
             self.server.logs.write(self.record.name, f"{tag} {container_id}", line)
 
+        snapshots = None
+        if opts["enable_memory_snapshot"] and self.record.state == "deployed":
+            snapshots = SnapshotPlan(
+                registry=self.server.snapshots,
+                key=snapshot_key(self.record.name, tag, fspec, Path(self.record.code_dir).name),
+                app_name=self.record.name,
+                tag=tag,
+                reseed=bool(self.record.spec.get("reseed_after_restore", True)),
+            )
         settings = PoolSettings(
+            snapshots=snapshots,
             label=label,
             timeout=float(opts["timeout"]),
             retries=int(opts["retries"]),
@@ -136,6 +148,8 @@ class Server:
         os.chmod(self.home, 0o700)
         self.state = State(self.home / "state.db")
         self.logs = LogBook(self.home / "logs")
+        store = SnapshotStore(self.home / "snapshots")
+        self.snapshots = SnapshotRegistry(self.state.connection, self.state.lock, store)
         self.apps: dict[str, RunningApp] = {}
         self.calls: dict[str, Call] = {}
         self._lock = threading.Lock()
@@ -228,6 +242,14 @@ class Server:
             old = self.apps.pop(previous.app_id, None) if previous else None
         if old is not None:
             threading.Thread(target=old.stop, daemon=True).start()
+        if not ephemeral:
+            keep = {
+                snapshot_key(name, tag, fspec, code_dir.name)
+                for tag, fspec in functions.items()
+                if fspec["options"]["enable_memory_snapshot"]
+            }
+            for key in self.snapshots.retain_only(name, keep):
+                app.event(f"Deleted memory snapshot {key[:12]}: the new version changes what it holds")
         app.event(
             f"{'Running' if ephemeral else 'Deployed'} app {name} version {record.version} ({', '.join(functions)})"
         )
@@ -328,6 +350,12 @@ class Server:
             keep_going=lambda: not self._stop.is_set(),
         ):
             emit({"line": line})
+
+    def op_snapshot_list(self, msg: dict[str, Any]) -> list[dict[str, Any]]:
+        return [vars(r) for r in self.snapshots.list()]
+
+    def op_snapshot_rm(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return vars(self.snapshots.remove(msg["key"]))
 
     def op_server_stop(self, msg: dict[str, Any]) -> None:
         threading.Thread(target=self.shutdown, daemon=True).start()

@@ -21,9 +21,12 @@ from typing import Any
 from warmboot.errors import (
     ContainerBootError,
     ContainerCrashedError,
+    ContainerError,
     FunctionTimeoutError,
+    SnapshotError,
     WarmbootError,
 )
+from warmboot.server.snapshots import SnapshotRegistry
 from warmboot.worker.runner import FunctionContainer, LaunchPlan
 
 log = logging.getLogger("warmboot.pool")
@@ -60,6 +63,18 @@ class PoolSettings:
     min_containers: int
     max_containers: int
     scaledown_window: float
+    snapshots: SnapshotPlan | None = None  #: set for deployed functions with enable_memory_snapshot
+
+
+@dataclass
+class SnapshotPlan:
+    """Where a function's memory snapshot lives and how restored copies start."""
+
+    registry: SnapshotRegistry
+    key: str
+    app_name: str
+    tag: str
+    reseed: bool = True
 
 
 class FunctionPool:
@@ -141,18 +156,15 @@ class FunctionPool:
         threading.Thread(target=self._run_container, name=f"pool-{self.settings.label}", daemon=True).start()
 
     def _run_container(self) -> None:
-        fc = FunctionContainer(self._make_plan(), self._on_output)
-        started = time.monotonic()
         try:
-            fc.boot()
-            fc.start(self._start_env())
+            fc = self._launch()
         except WarmbootError as exc:
-            fc.kill()
             self._boot_failed(exc)
             return
-        self._event(
-            f"Container {fc.id} started for {self.settings.label} (cold boot in {time.monotonic() - started:.2f} s)"
-        )
+        except Exception as exc:
+            log.exception("starting a container for %s failed", self.settings.label)
+            self._boot_failed(ContainerBootError(f"{self.settings.label}: internal error starting a container: {exc}"))
+            return
         with self._cond:
             self._booting -= 1
             self._containers[fc.id] = fc
@@ -166,6 +178,70 @@ class FunctionPool:
                 # Inputs still queued must not be stranded by a container that went away.
                 if not self._stopping:
                     self._scale_up_locked()
+
+    def _launch(self) -> FunctionContainer:
+        """A started container: restored from the function's memory snapshot if it has a good one, else cold."""
+        plan = self._make_plan()
+        snap = self.settings.snapshots
+        label = self.settings.label
+        if snap is not None and (snapshot := snap.registry.usable(snap.key)) is not None:
+            fc = FunctionContainer(plan, self._on_output)
+            started = time.monotonic()
+            try:
+                fc.restore(snap.registry.store, snapshot)
+                fc.start(self._start_env(), reseed=snap.reseed)
+            except ContainerBootError:
+                fc.kill()
+                raise  # user code failed in @enter(snap=False): booting cold would fail the same way
+            except (SnapshotError, ContainerError) as exc:
+                fc.kill()
+                snap.registry.mark_broken(snap.key, str(exc))
+                self._event(
+                    f"Restore of {label} from memory snapshot {snapshot.id} failed, booting cold instead "
+                    f"(the snapshot is discarded): {str(exc).splitlines()[0]}"
+                )
+            else:
+                millis = (time.monotonic() - started) * 1000
+                snap.registry.restored(snap.key, millis)
+                self._event(f"Restored {label} from memory snapshot in {millis:.0f} ms (container {fc.id})")
+                return fc
+        fc = FunctionContainer(plan, self._on_output)
+        started = time.monotonic()
+        try:
+            fc.boot()
+            if snap is not None and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag):
+                self._make_snapshot(fc, snap)
+            fc.start(self._start_env())
+        except BaseException:
+            fc.kill()
+            raise
+        self._event(f"Container {fc.id} started for {label} (cold boot in {time.monotonic() - started:.2f} s)")
+        return fc
+
+    def _make_snapshot(self, fc: FunctionContainer, snap: SnapshotPlan) -> None:
+        """Checkpoint a cold-booted container at its snapshot point, unless it holds network connections."""
+        label = self.settings.label
+        connections = fc.open_connections()
+        if connections:
+            reason = "open network connection(s) at the snapshot point: " + ", ".join(connections)
+            snap.registry.not_created(snap.key, "refused", reason)
+            self._event(
+                f"No memory snapshot for {label}: the container holds {reason}. A snapshot cannot carry a live "
+                "connection into its copies; open it in an @enter(snap=False) method instead. "
+                "Serving from the cold-booted container."
+            )
+            return
+        self._event(f"Creating memory snapshot for {label}")
+        started = time.monotonic()
+        try:
+            snapshot = fc.checkpoint(snap.registry.store, app=snap.app_name, tag=snap.tag, key=snap.key)
+        except SnapshotError as exc:
+            snap.registry.not_created(snap.key, "failed", str(exc))
+            self._event(f"Memory snapshot of {label} failed; serving from the cold-booted container: {exc}")
+            return
+        seconds = time.monotonic() - started
+        snap.registry.created(snap.key, snapshot, seconds)
+        self._event(f"Snapshot created in {seconds:.2f} s ({snapshot.size_bytes / 1e6:.0f} MB) for {label}")
 
     def _boot_failed(self, exc: WarmbootError) -> None:
         """A container could not start: the inputs waiting for it would meet the same failure, so fail them."""

@@ -59,6 +59,15 @@ class State:
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The shared connection, for other tables of the server (use it under :attr:`lock`)."""
+        return self._db
+
+    @property
+    def lock(self) -> threading.Lock:
+        return self._lock
+
     def _rows(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         with self._lock:
             return self._db.execute(sql, args).fetchall()

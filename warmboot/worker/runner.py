@@ -19,8 +19,9 @@ from typing import Any
 
 from warmboot.errors import ContainerBootError, ContainerCrashedError, ContainerError, FunctionTimeoutError
 from warmboot.runtime import wire
-from warmboot.worker import cgroups
+from warmboot.worker import cgroups, netinfo
 from warmboot.worker import container as containers
+from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 log = logging.getLogger("warmboot.worker")
 
@@ -53,6 +54,7 @@ class FunctionContainer:
         self.container: containers.Container | None = None
         self.started_at = time.time()
         self.calls_served = 0
+        self.restored_from: str | None = None
         self._cgroup: Path | None = None
         self._pumps: list[threading.Thread] = []
 
@@ -83,9 +85,31 @@ class FunctionContainer:
         self._start_pumps()
         self._expect(wire.SNAPSHOT_POINT, self.plan.boot_timeout, "booting")
 
-    def start(self, env: Mapping[str, str]) -> None:
-        """Continue past the snapshot point with this container's environment; run ``@enter(snap=False)``."""
-        self._send({"type": wire.START, "env": dict(env), "container_id": self.id})
+    def restore(self, store: SnapshotStore, snapshot: Snapshot) -> None:
+        """Restore a copy of ``snapshot`` (taken at the snapshot point) instead of booting; then call :meth:`start`."""
+        self.container = store.restore(snapshot)
+        self.restored_from = snapshot.id
+        if self.plan.memory_mib:
+            self._cgroup = cgroups.create_memory_cgroup(self.id, self.plan.memory_mib)
+            (self._cgroup / "cgroup.procs").write_text(str(self.container.pid))
+        self._start_pumps()
+
+    def checkpoint(self, store: SnapshotStore, **metadata: Any) -> Snapshot:
+        """Snapshot this container at its snapshot point; it goes on running afterwards."""
+        assert self.container is not None
+        return store.checkpoint(self.container, leave_running=True, metadata=metadata)
+
+    def open_connections(self) -> list[str]:
+        """Network connections (not listening sockets) held by the container's processes, as "proto peer"."""
+        assert self.container is not None
+        return netinfo.open_connections(self.container.pid)
+
+    def start(self, env: Mapping[str, str], *, reseed: bool = False) -> None:
+        """Continue past the snapshot point with this container's environment; run ``@enter(snap=False)``.
+
+        ``reseed``: reseed the random generators (a restored copy must not repeat its siblings' draws).
+        """
+        self._send({"type": wire.START, "env": dict(env), "container_id": self.id, "reseed": reseed})
         self._expect(wire.READY, self.plan.boot_timeout, "running @enter hooks")
 
     def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> dict[str, Any]:
