@@ -11,7 +11,7 @@ from typing import Any
 
 import typer
 
-from warmboot.cli import deploy, doctor, manage, run
+from warmboot.cli import deploy, doctor, manage, run, snapshots
 
 HELP = """\
 [bold]warmboot[/bold] runs serverless Python functions on your own machines, with cold starts in
@@ -37,6 +37,7 @@ GROUPS: list[tuple[str, typer.Typer]] = [
     ("app", manage.apps),
     ("container", manage.containers),
     ("secret", manage.secrets),
+    ("snapshot", snapshots.snapshots),
     ("server", manage.server),
 ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import signal
@@ -235,7 +236,7 @@ def server_stop() -> None:
         with client.connect_existing() as conn:
             conn.send({"op": "ping"})
             pid = conn.recv()["value"]["pid"]
-        with client.connect_existing() as conn:
+        with client.connect_existing() as conn, contextlib.suppress(EOFError):  # it may exit before replying
             conn.send({"op": "server_stop"})
             conn.recv()
     except (FileNotFoundError, ConnectionRefusedError):

@@ -1,0 +1,66 @@
+"""``warmboot snapshot list|rm``: the memory snapshots the server holds."""
+
+from __future__ import annotations
+
+import datetime
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from warmboot.errors import WarmbootError
+from warmboot.sdk import client
+
+console = Console()
+err = Console(stderr=True)
+
+snapshots = typer.Typer(help="Memory snapshots of deployed functions.", no_args_is_help=True)
+
+
+def _when(ts: float | None) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+@snapshots.command("list")
+def snapshot_list() -> None:
+    """List memory snapshots: function, key, state, size, when made, restores and the last restore's time.
+
+    Example:
+
+        warmboot snapshot list
+    """
+    try:
+        rows = client.request("snapshot_list")
+    except WarmbootError as exc:
+        err.print(f"[red]Error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    table = Table("function", "key", "state", "size", "created", "made in", "restores", "last restore", "note")
+    for r in rows:
+        table.add_row(
+            f"{r['app_name']}.{r['tag']}",
+            r["key"][:12],
+            r["state"],
+            f"{r['size_bytes'] / 1e6:.0f} MB" if r["size_bytes"] else "-",
+            _when(r["created_at"]),
+            f"{r['create_seconds']:.2f} s" if r["create_seconds"] else "-",
+            str(r["restores"]),
+            f"{r['last_restore_ms']:.0f} ms at {_when(r['last_restore_at'])}" if r["last_restore_ms"] else "-",
+            (r["reason"] or "")[:80],
+        )
+    console.print(table)
+
+
+@snapshots.command("rm")
+def snapshot_rm(key: str = typer.Argument(..., help="The snapshot's key (or a unique prefix of it).")) -> None:
+    """Delete a memory snapshot; the function's next cold start boots and makes a fresh one.
+
+    Example:
+
+        warmboot snapshot rm 3f2a9c1e
+    """
+    try:
+        record = client.request("snapshot_rm", key=key)
+    except WarmbootError as exc:
+        err.print(f"[red]Error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
+    console.print(f"Deleted snapshot {record['key'][:12]} of {record['app_name']}.{record['tag']}")
