@@ -3,13 +3,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo test lint bench doctor
+.PHONY: setup demo demo-engine test lint bench doctor
 
 setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@$(PY) examples/engine_demo.py
+	@$(PY) bench/demo.py
 
 test: setup
 	@$(PY) -m ruff check warmboot tests bench examples
@@ -18,6 +18,9 @@ test: setup
 lint: setup
 	@$(PY) -m ruff check warmboot tests bench examples
 	@$(PY) -m ruff format --check warmboot tests bench
+
+demo-engine: setup
+	@$(PY) bench/engine_demo.py
 
 bench: setup
 	@$(PY) bench/restore.py

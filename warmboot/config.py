@@ -32,3 +32,8 @@ def criu_path() -> Path:
 def server_socket() -> Path:
     """The local server's Unix socket (``$WARMBOOT_HOME/server.sock``; root-only)."""
     return home() / "server.sock"
+
+
+def volume_dir(name: str) -> Path:
+    """Where the volume ``name`` keeps its files on this machine (``$WARMBOOT_HOME/volumes/NAME``)."""
+    return home() / "volumes" / name

@@ -8,7 +8,7 @@ import traceback
 from pathlib import Path
 from types import ModuleType
 
-from warmboot.errors import AppFileError
+from warmboot.errors import AppFileError, WarmbootError
 from warmboot.sdk.app import App
 
 
@@ -32,7 +32,13 @@ def load(path_text: str) -> tuple[Path, ModuleType, App]:
         text = (exc.text or "").rstrip()
         raise AppFileError(f"syntax error in {path_text} ({where}): {exc.msg}\n    {text}") from None
     except Exception as exc:  # noqa: BLE001 - any failure at import is the app file's, shown with its traceback
-        tb = "".join(traceback.format_exception(exc)[1:])
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if f.filename == str(path)]
+        if isinstance(exc, WarmbootError) and frames:  # misuse of warmboot (a bad option): point at the line
+            raise AppFileError(f"{path_text}, line {frames[-1].lineno}: {exc}\n    {frames[-1].line}") from None
+        tb_start = exc.__traceback__
+        while tb_start is not None and tb_start.tb_frame.f_code.co_filename != str(path):
+            tb_start = tb_start.tb_next  # skip the loader's own frames
+        tb = "".join(traceback.format_exception(type(exc), exc, tb_start or exc.__traceback__)[1:])
         raise AppFileError(f"{path_text} raised {type(exc).__name__} while being imported:\n{tb}") from None
     apps = [v for v in vars(module).values() if isinstance(v, App)]
     if not apps:

@@ -7,6 +7,7 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from warmboot.cli import appfile
 from warmboot.errors import WarmbootError
@@ -24,7 +25,7 @@ def push(path: Path, app: App, *, name: str | None, ephemeral: bool) -> dict[str
             "deploy", spec=app.spec(), source=path.read_bytes(), filename=path.name, name=name, ephemeral=ephemeral
         ):
             if "log" in event:
-                console.print(f"[dim]{event['log']}[/dim]", highlight=False, soft_wrap=True)
+                console.print(f"[dim]{escape(event['log'])}[/dim]", highlight=False, soft_wrap=True)
                 status.update(event["log"][:100])
             if event.get("done"):
                 result = event["value"]
@@ -45,9 +46,9 @@ def deploy(
     """
     try:
         path, _, app = appfile.load(file)
-        result = push(path, app, name=name, ephemeral=False)
+        result = push(path, app, name=name or app.name or path.stem, ephemeral=False)
     except WarmbootError as exc:
-        console.print(f"[red]Error:[/red] {exc}", highlight=False)
+        console.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
     console.print(
         f"[green]Deployed[/green] app [bold]{result['name']}[/bold] version {result['version']}: "

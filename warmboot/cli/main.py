@@ -37,6 +37,7 @@ GROUPS: list[tuple[str, typer.Typer]] = [
     ("app", manage.apps),
     ("container", manage.containers),
     ("secret", manage.secrets),
+    ("volume", manage.volumes),
     ("snapshot", snapshots.snapshots),
     ("server", manage.server),
 ]

@@ -10,6 +10,7 @@ import time
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from warmboot import config
@@ -21,7 +22,7 @@ err = Console(stderr=True)
 
 
 def _fail(exc: WarmbootError) -> typer.Exit:
-    err.print(f"[red]Error:[/red] {exc}", highlight=False)
+    err.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
     return typer.Exit(1)
 
 
@@ -250,3 +251,44 @@ def server_stop() -> None:
         time.sleep(0.05)
     os.kill(pid, signal.SIGKILL)
     console.print("Server did not stop within 60 s; killed it")
+
+
+# ----- volumes ---------------------------------------------------------------------------------------
+
+volumes = typer.Typer(help="Volumes: named directories that persist across containers.", no_args_is_help=True)
+
+
+@volumes.command("put")
+def volume_put(
+    name: str = typer.Argument(..., help="The volume's name (created if missing)."),
+    local_path: str = typer.Argument(..., help="A local file or directory to copy in."),
+    remote_path: str = typer.Argument("/", help="Where it goes, relative to the volume's root."),
+) -> None:
+    """Copy a local file or directory into a volume (creating the volume if needed).
+
+    Example:
+
+        warmboot volume put models ./all-MiniLM-L6-v2 /all-MiniLM-L6-v2
+    """
+    import shutil
+    from pathlib import Path
+
+    from warmboot.sdk.volume import Volume
+
+    try:
+        Volume.from_name(name)
+    except WarmbootError as exc:
+        raise _fail(exc) from None
+    src = Path(local_path)
+    if not src.exists():
+        raise _fail(WarmbootError(f"no such file or directory: {local_path}"))
+    root = config.volume_dir(name)
+    dest = (root / remote_path.lstrip("/")).resolve()
+    if not dest.is_relative_to(root.resolve()):
+        raise _fail(WarmbootError(f"{remote_path} leaves the volume"))
+    if src.is_dir():
+        shutil.copytree(src, dest if remote_path not in ("", "/") else root / src.name, dirs_exist_ok=True)
+    else:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest if not dest.is_dir() else dest / src.name)
+    console.print(f"Copied {local_path} into volume [bold]{name}[/bold] at {remote_path}")

@@ -7,6 +7,7 @@ import time
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from warmboot.cli import appfile
 from warmboot.cli.deploy import push
@@ -60,7 +61,7 @@ def run(
             raise WarmbootError(f"{file} has no @app.local_entrypoint(); name a function to call: {file}::NAME")
         result = push(path, app, name=app.name or path.stem, ephemeral=True)
     except WarmbootError as exc:
-        console.print(f"[red]Error:[/red] {exc}", highlight=False)
+        console.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
         raise typer.Exit(1) from None
 
     app._app_id = result["app_id"]
@@ -73,13 +74,13 @@ def run(
         if value is not None:
             print(value)
     except WarmbootError as exc:
-        console.print(f"[red]Error:[/red] {exc}", highlight=False)
+        console.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
         code = 1
     finally:
         try:
             client.request("app_stop", app=result["app_id"])
         except WarmbootError as exc:
-            console.print(f"[yellow]Warning:[/yellow] could not stop the app: {exc}")
+            console.print(f"[yellow]Warning:[/yellow] could not stop the app: {escape(str(exc))}")
         time.sleep(0.3)  # the containers are stopped and their output written: let the last lines through
         stop.set()
     if code:

@@ -35,8 +35,11 @@ class App:
         image: Image | None = None,
         secrets: list[Secret] | None = None,
         volumes: dict[str, Volume] | None = None,
+        reseed_after_restore: bool = True,
     ):
         self.name = name
+        # Reseed `random` (and numpy/torch) in containers restored from a memory snapshot, so copies differ.
+        self.reseed_after_restore = bool(reseed_after_restore)
         self.image = image
         self.secrets = list(secrets or [])
         self.volumes = dict(volumes or {})
@@ -108,4 +111,4 @@ class App:
                 "secrets": [s.to_spec() for s in secrets],
                 "lifecycle": lifecycle(obj.user_cls) if isinstance(obj, Cls) else None,
             }
-        return {"name": self.name, "functions": functions}
+        return {"name": self.name, "functions": functions, "reseed_after_restore": self.reseed_after_restore}

@@ -161,7 +161,7 @@ class Server:
             threading.Thread(target=app.start_min_containers, daemon=True).start()
 
     def volume_dir(self, name: str) -> Path:
-        return self.home / "volumes" / name
+        return self.home / "volumes" / name  # the layout config.volume_dir() describes
 
     # ----- resolving targets -----------------------------------------------------------------------
 

@@ -37,6 +37,21 @@ def create_memory_cgroup(name: str, limit_mib: int) -> Path:
     return group
 
 
+def oom_kills(group: Path) -> int:
+    """How many of ``group``'s processes the kernel killed for exceeding its limit (0 when unreadable).
+
+    The cgroup's own count, because the exit status cannot tell: util-linux 2.38 ``unshare --fork`` fails to
+    re-raise SIGKILL on itself and exits 1 ("sigprocmask unblock failed") when the namespace's init is killed.
+    """
+    for name in ("memory.events", "memory.oom_control"):  # v2, v1: both hold a line "oom_kill N"
+        with contextlib.suppress(OSError, ValueError):
+            for line in (group / name).read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    return 0
+
+
 def remove(group: Path) -> None:
     """Remove an emptied container cgroup (best effort: a straggling process keeps it until it exits)."""
     with contextlib.suppress(OSError):

@@ -194,7 +194,9 @@ class FunctionContainer:
             with contextlib.suppress(TimeoutError):
                 code = self.container.wait(timeout=2)
         how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-        if code == -9 and self._cgroup is not None:
+        if self._cgroup is not None and cgroups.oom_kills(self._cgroup):
+            how = f"out of memory: the kernel killed it for exceeding memory={self.plan.memory_mib} MiB"
+        elif code == -9 and self._cgroup is not None:
             how += f" (possibly out of memory: memory={self.plan.memory_mib} MiB)"
         return f"container {self.id} of {self.plan.label} died {when} ({how})"
 

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import shutil
+import threading
 from pathlib import Path
 
 import cloudpickle
@@ -27,9 +28,17 @@ def _tree_digest(roots: list[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+_ensure_lock = threading.Lock()  # pools boot containers on many threads; they share one temporary name
+
+
 @functools.cache
 def ensure(home: Path) -> Path:
     """The directory to put on a container's PYTHONPATH (created on first use)."""
+    with _ensure_lock:
+        return _ensure(home)
+
+
+def _ensure(home: Path) -> Path:
     sources = [Path(warmboot.__file__).parent, Path(cloudpickle.__file__).parent]
     target = home / "runtime" / _tree_digest(sources)
     if target.is_dir():
