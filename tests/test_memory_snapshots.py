@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import socket
+import subprocess
 import textwrap
 import time
 import uuid
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from platform_helpers import Platform
+from platform_helpers import WARMBOOT, Platform
 
 # ----- helpers -------------------------------------------------------------------------------------------
 
@@ -108,7 +109,9 @@ def _snapshot_dirs(platform: Platform, app: str, tag: str) -> list[tuple[Path, d
 
 def _snapshot_rows(platform: Platform, label: str) -> list[dict[str, str]]:
     """The rows of `warmboot snapshot list` for function ``label`` ("app.tag"): function, key, state, ..."""
-    out = platform.cli("snapshot", "list").stdout
+    # A wide terminal, so that rich never wraps a cell onto a second line.
+    env = {**platform.env, "COLUMNS": "400"}
+    out = subprocess.run([WARMBOOT, "snapshot", "list"], env=env, capture_output=True, text=True, check=True).stdout
     columns = ["function", "key", "state", "size", "created", "made in", "restores", "last restore", "note"]
     rows = []
     for line in out.splitlines():

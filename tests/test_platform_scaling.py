@@ -120,7 +120,7 @@ def work():
 
 
 RETRY_APP = """
-import os
+import os, time
 
 state = modal.Volume.from_name({volume!r}, create_if_missing=True)
 
@@ -140,6 +140,15 @@ def with_retry():
 @app.function(volumes={{"/state": state}}, retries=0)
 def without_retry():
     return crash_on_first_attempt("without_retry")
+
+@app.function(volumes={{"/state": state}}, retries=1, max_containers=2, scaledown_window=300)
+def beside_idle(mode):
+    if mode == "meet":  # two calls at once: two containers, idle (for 300 s) once these return
+        open("/state/met-" + os.environ["WARMBOOT_CONTAINER_ID"], "w").close()
+        while len([n for n in os.listdir("/state") if n.startswith("met-")]) < 2:
+            time.sleep(0.05)
+        return "met"
+    return crash_on_first_attempt("beside_idle")
 """
 
 
@@ -152,6 +161,16 @@ def test_retries_rerun_a_call_whose_container_crashed(platform: Platform) -> Non
     assert failed["type"] == "ContainerCrashedError", failed
     assert (_volume(platform, volume) / "without_retry").read_text() == "1", "retries=0 must not run it again"
     assert (_volume(platform, volume) / "with_retry").read_text() == "2"
+
+    # With another container idle (and in no hurry to scale down), the retry must go to it at once.
+    code = f"""
+    import warmboot
+    f = warmboot.Function.from_name({app!r}, "beside_idle")
+    print([call.get(timeout=60) for call in [f.spawn("meet"), f.spawn("meet")]])
+    print(f.spawn("crash").get(timeout=60))
+    """
+    assert platform.python(code).stdout.split() == ["['met',", "'met']", "2"]
+    platform.cli("app", "stop", app)
 
 
 def test_timeout_stops_the_call_and_the_next_call_succeeds(platform: Platform) -> None:

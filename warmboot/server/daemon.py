@@ -191,6 +191,10 @@ class Server:
         spec, name = msg["spec"], msg.get("name") or msg["spec"].get("name")
         if not name:
             raise InvalidOptionError("the App has no name: give it one, App('my-app'), or pass --name")
+        if name.startswith("ap-") or "/" in name or name.startswith("."):
+            raise InvalidOptionError(
+                f"app name {name!r}: names may not start with 'ap-' (app ids do) or '.', nor contain '/'"
+            )
         functions = spec["functions"]
         if not functions:
             raise InvalidOptionError(f"app {name!r} defines no @app.function or @app.cls: nothing to deploy")

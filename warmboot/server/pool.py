@@ -255,10 +255,11 @@ class FunctionPool:
         for call in failed:
             call.fail(exc if isinstance(exc, ContainerBootError) else ContainerBootError(str(exc)))
 
-    def _next_call(self) -> Call | None:
+    def _next_call(self, *, already_idle: bool = False) -> Call | None:
         """The next input for an idle container, or ``None`` when it should stop (scale-down, pool stop)."""
         with self._cond:
-            self._idle += 1
+            if not already_idle:
+                self._idle += 1
             try:
                 while True:
                     if self._stopping:
@@ -272,7 +273,9 @@ class FunctionPool:
                 self._idle -= 1
 
     def _serve(self, fc: FunctionContainer) -> None:
-        while (call := self._next_call()) is not None:
+        idle = False
+        while (call := self._next_call(already_idle=idle)) is not None:
+            idle = False
             call.attempts += 1
             try:
                 outcome = fc.call(call.call_id, call.method, call.args, self.settings.timeout)
@@ -285,7 +288,13 @@ class FunctionPool:
                 if call.attempts <= self.settings.retries:
                     with self._cond:
                         self._queue.appendleft(call)
+                        self._cond.notify()  # an idle container takes the retry now, not after its window
                 else:
                     call.fail(exc)
                 return
+            with self._cond:
+                # Idle again *before* the caller hears back, so that its next call finds this container
+                # instead of starting another one.
+                self._idle += 1
+                idle = True
             call.finish(outcome)
