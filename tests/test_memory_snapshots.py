@@ -89,7 +89,7 @@ def _wait_count(platform: Platform, app: str, needle: str, expected: int, deadli
 
 def _restored_ids(platform: Platform, label: str) -> list[str]:
     """Container ids of the "Restored LABEL from memory snapshot" lines, in log order."""
-    pattern = re.compile(rf"Restored {re.escape(label)} from memory snapshot in \d+ ms \(container (wc-[0-9a-f]+)\)")
+    pattern = re.compile(rf"Restored {re.escape(label)} from memory snapshot in \d+ ms \(container (wc-[0-9a-f]+)\b")
     app = label.split(".")[0]
     return [m.group(1) for line in platform.log_text(app).splitlines() if (m := pattern.search(line))]
 

@@ -203,7 +203,12 @@ class FunctionPool:
             else:
                 millis = (time.monotonic() - started) * 1000
                 snap.registry.restored(snap.key, millis)
-                self._event(f"Restored {label} from memory snapshot in {millis:.0f} ms (container {fc.id})")
+                t = fc.timings
+                self._event(
+                    f"Restored {label} from memory snapshot in {millis:.0f} ms (container {fc.id}: checks "
+                    f"{t.get('check_ms', 0):.0f} ms, CRIU restore {t.get('criu_restore_ms', 0):.0f} ms, "
+                    f"@enter(snap=False) and runtime {t.get('start_ms', 0):.0f} ms)"
+                )
                 return fc
         fc = FunctionContainer(plan, self._on_output)
         started = time.monotonic()
@@ -277,8 +282,11 @@ class FunctionPool:
         while (call := self._next_call(already_idle=idle)) is not None:
             idle = False
             call.attempts += 1
+            started = time.monotonic()
             try:
                 outcome = fc.call(call.call_id, call.method, call.args, self.settings.timeout)
+                if fc.calls_served == 1:
+                    self._event(f"First input on container {fc.id} took {(time.monotonic() - started) * 1000:.0f} ms")
             except FunctionTimeoutError as exc:
                 self._event(str(exc))
                 call.fail(exc)

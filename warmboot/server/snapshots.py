@@ -170,7 +170,11 @@ class SnapshotRegistry:
         if record is not None and record.snapshot_id:
             with contextlib.suppress(SnapshotError, OSError):
                 self.store.delete(record.snapshot_id)
-        self._exec("UPDATE snapshots SET state = 'broken', snapshot_id = NULL, reason = ? WHERE key = ?", reason, key)
+        self._exec(
+            "UPDATE snapshots SET state = 'broken', snapshot_id = NULL, size_bytes = NULL, reason = ? WHERE key = ?",
+            reason,
+            key,
+        )
 
     def remove(self, key_or_id: str) -> SnapshotRecord:
         """Delete a snapshot (by key, key prefix or snapshot id) and forget it, so the next boot makes a new one."""

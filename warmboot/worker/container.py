@@ -126,6 +126,7 @@ class Container:
         self.restored_from = restored_from
         self._launcher = launcher
         self._returncode: int | None = None
+        self.timings: dict[str, float] = {}  #: where a restore's time went (set by the snapshot store)
 
     def __repr__(self) -> str:
         origin = f" restored_from={self.restored_from}" if self.restored_from else ""

@@ -55,6 +55,7 @@ class FunctionContainer:
         self.started_at = time.time()
         self.calls_served = 0
         self.restored_from: str | None = None
+        self.timings: dict[str, float] = {}  #: milliseconds per phase of this container's start
         self._cgroup: Path | None = None
         self._pumps: list[threading.Thread] = []
 
@@ -89,6 +90,7 @@ class FunctionContainer:
         """Restore a copy of ``snapshot`` (taken at the snapshot point) instead of booting; then call :meth:`start`."""
         self.container = store.restore(snapshot)
         self.restored_from = snapshot.id
+        self.timings.update(self.container.timings)
         if self.plan.memory_mib:
             self._cgroup = cgroups.create_memory_cgroup(self.id, self.plan.memory_mib)
             (self._cgroup / "cgroup.procs").write_text(str(self.container.pid))
@@ -109,8 +111,10 @@ class FunctionContainer:
 
         ``reseed``: reseed the random generators (a restored copy must not repeat its siblings' draws).
         """
+        started = time.monotonic()
         self._send({"type": wire.START, "env": dict(env), "container_id": self.id, "reseed": reseed})
         self._expect(wire.READY, self.plan.boot_timeout, "running @enter hooks")
+        self.timings["start_ms"] = (time.monotonic() - started) * 1000
 
     def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> dict[str, Any]:
         """Run one call; return its outcome dict (``ok``, ``value`` or ``exception``/``traceback``).
