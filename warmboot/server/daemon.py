@@ -107,7 +107,9 @@ class RunningApp:
         if opts["enable_memory_snapshot"] and self.record.state == "deployed":
             snapshots = SnapshotPlan(
                 registry=self.server.snapshots,
-                key=snapshot_key(self.record.name, tag, fspec, Path(self.record.code_dir).name),
+                key=snapshot_key(
+                    self.record.name, tag, fspec, Path(self.record.code_dir).name, runtime_lib.ensure(home).name
+                ),
                 app_name=self.record.name,
                 tag=tag,
                 reseed=bool(self.record.spec.get("reseed_after_restore", True)),
@@ -248,7 +250,7 @@ class Server:
             threading.Thread(target=old.stop, daemon=True).start()
         if not ephemeral:
             keep = {
-                snapshot_key(name, tag, fspec, code_dir.name)
+                snapshot_key(name, tag, fspec, code_dir.name, runtime_lib.ensure(self.home).name)
                 for tag, fspec in functions.items()
                 if fspec["options"]["enable_memory_snapshot"]
             }

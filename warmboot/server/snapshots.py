@@ -1,8 +1,9 @@
 """Which memory snapshots exist, what they are keyed by, and when one is made, used, or given up on.
 
 A snapshot is keyed by everything that decides what the container holds at its snapshot point: the app's
-name and code, the function's definition and configuration (image, env, secrets' *names*, volume mount
-points, gpu/cpu/memory), and this worker's fingerprint (CPU, kernel, CRIU). Volume *contents* and secret
+name and code, warmboot's own code (an upgrade recaptures snapshots), the function's definition and
+configuration (image, env, secrets' *names*, volume mount points, gpu/cpu/memory), and this worker's
+fingerprint (CPU, kernel, CRIU). Volume *contents* and secret
 *values* are not in the key: a restored container is given the current values when it starts.
 
 Policy, per key:
@@ -49,7 +50,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 
-def snapshot_key(app_name: str, tag: str, fspec: dict[str, Any], code_digest: str) -> str:
+def snapshot_key(app_name: str, tag: str, fspec: dict[str, Any], code_digest: str, runtime_digest: str) -> str:
     """The key of a function's snapshot on this worker (see the module docstring for what it covers)."""
     opts = fspec["options"]
     fp = host.fingerprint()
@@ -57,6 +58,7 @@ def snapshot_key(app_name: str, tag: str, fspec: dict[str, Any], code_digest: st
         "app": app_name,
         "tag": tag,
         "code": code_digest,
+        "runtime": runtime_digest,  # warmboot's own code inside the container is part of what the snapshot holds
         "kind": fspec["kind"],
         "lifecycle": fspec.get("lifecycle"),
         "image": fspec.get("image_digest") or fspec["image"],
