@@ -124,12 +124,13 @@ import os, time
 
 state = modal.Volume.from_name({volume!r}, create_if_missing=True)
 
-def crash_on_first_attempt(counter):
+def crash_on_first_attempt(counter, settle=0.0):
     path = "/state/" + counter
     attempt = int(open(path).read()) + 1 if os.path.exists(path) else 1
     with open(path, "w") as fh:
         fh.write(str(attempt))
     if attempt == 1:
+        time.sleep(settle)
         os._exit(1)
     return attempt
 
@@ -148,7 +149,8 @@ def beside_idle(mode):
         while len([n for n in os.listdir("/state") if n.startswith("met-")]) < 2:
             time.sleep(0.05)
         return "met"
-    return crash_on_first_attempt("beside_idle")
+    # The pause lets the other container settle into waiting for inputs before this one crashes.
+    return crash_on_first_attempt("beside_idle", settle=1.0)
 """
 
 
