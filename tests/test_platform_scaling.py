@@ -14,7 +14,6 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
 from platform_helpers import Platform
 
 # Runs in a fresh SDK process: calls `target` (an expression using `f`) and prints one JSON line with the
@@ -95,11 +94,6 @@ def work(mode):
     assert third["value"] != first["value"], "the call after a crash must run in a fresh container"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the runtime is the init (PID 1) of its PID namespace, and the kernel drops default-action signals "
-    "that processes of the namespace send to its init: os.kill(os.getpid(), SIGKILL) is a no-op in a container",
-)
 def test_a_container_that_sigkills_itself_crashes_the_call(platform: Platform) -> None:
     app = _unique("sigkill")
     _deploy(

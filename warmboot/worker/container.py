@@ -200,7 +200,7 @@ def _high_fd(fd: int) -> int:
 
 
 def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
-    """The bash script run as the namespace's init before it execs the command.
+    """The bash script run as the namespace's init: it sets up mounts and descriptors, then becomes its init.
 
     bash rather than sh because the fd numbers to remap may have two digits.
     """
@@ -218,7 +218,12 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     ci, co = fds["control_in"], fds["control_out"]
     # stdin is opened here, inside the namespace: a /dev/null opened on the host sits on a mount
     # the container cannot reach, which CRIU refuses to dump.
-    steps.append(f'exec setsid "$@" </dev/null {CONTROL_IN_FD}<&{ci} {CONTROL_OUT_FD}>&{co} {ci}<&- {co}>&-')
+    steps.append(f"exec </dev/null {CONTROL_IN_FD}<&{ci} {CONTROL_OUT_FD}>&{co} {ci}<&- {co}>&-")
+    # The namespace's init is a bash that leads its own session and waits for the command: the command must
+    # not be PID 1 itself, which the kernel shields from signals sent inside the namespace (a function could
+    # not even SIGKILL itself) and which would inherit every orphan to reap. bash reaps them, and exits with
+    # the command's status (128+N when a signal N killed it). `; exit $?` keeps bash from exec'ing the command.
+    steps.append("exec setsid /bin/bash -c '\"$@\"; exit $?' warmboot-init \"$@\"")
     return "\n".join(steps)
 
 

@@ -206,11 +206,14 @@ class FunctionContainer:
         if self.container is not None:
             with contextlib.suppress(TimeoutError):
                 code = self.container.wait(timeout=2)
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        if code is not None and code < 0:
+            how = f"killed by signal {-code}"
+        elif code is not None and code > 128:  # the container's init reports a command killed by signal N as 128+N
+            how = f"killed by signal {code - 128}"
+        else:
+            how = f"exit status {code}"
         if self._cgroup is not None and cgroups.oom_kills(self._cgroup):
             how = f"out of memory: the kernel killed it for exceeding memory={self.plan.memory_mib} MiB"
-        elif code == -9 and self._cgroup is not None:
-            how += f" (possibly out of memory: memory={self.plan.memory_mib} MiB)"
         return f"container {self.id} of {self.plan.label} died {when} ({how})"
 
     def _expect(self, kind: str, timeout: float, doing: str) -> None:
