@@ -260,7 +260,7 @@ class FunctionPool:
         for call in failed:
             call.fail(exc if isinstance(exc, ContainerBootError) else ContainerBootError(str(exc)))
 
-    def _next_call(self, *, already_idle: bool = False) -> Call | None:
+    def _next_call(self, fc_id: str, *, already_idle: bool = False) -> Call | None:
         """The next input for an idle container, or ``None`` when it should stop (scale-down, pool stop)."""
         with self._cond:
             if not already_idle:
@@ -273,13 +273,16 @@ class FunctionPool:
                         return self._queue.popleft()
                     timed_out = not self._cond.wait(self.settings.scaledown_window)
                     if timed_out and not self._queue and len(self._containers) > self.settings.min_containers:
+                        # Leave the count now, under the lock: two containers idling out together must not
+                        # both see room above min_containers.
+                        self._containers.pop(fc_id, None)
                         return None
             finally:
                 self._idle -= 1
 
     def _serve(self, fc: FunctionContainer) -> None:
         idle = False
-        while (call := self._next_call(already_idle=idle)) is not None:
+        while (call := self._next_call(fc.id, already_idle=idle)) is not None:
             idle = False
             call.attempts += 1
             started = time.monotonic()
