@@ -241,3 +241,15 @@ SnapshotStore({str(root)!r}).checkpoint(c, snapshot_id="crashed")
         time.sleep(0.2)
         SnapshotStore(root)
     assert not list(root.glob(".tmp-*"))
+
+
+def test_corruption_after_a_good_restore_is_still_refused(store: SnapshotStore, running: Running) -> None:
+    """Checksums are verified once per file version: a later write to an image is caught on the next restore."""
+    snap = store.checkpoint(running.start_stateful())
+    running.add(store.restore(snap))  # verified and restored
+    pages = next(p for p in snap.path.iterdir() if p.name.startswith("pages-"))
+    data = bytearray(pages.read_bytes())
+    data[len(data) // 3] ^= 0x01
+    pages.write_bytes(bytes(data))
+    with pytest.raises(SnapshotCorruptError, match=pages.name):
+        store.restore(snap)
