@@ -207,6 +207,11 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     steps = ["set -e", "mount --make-rprivate /"]
     if spec.cgroup:
         steps.append(f"echo 0 > {shlex.quote(spec.cgroup + '/cgroup.procs')}")
+    # Every mount in the namespace is one more for CRIU to recreate at each restore (tmpfs ones through tar):
+    # drop the host's cgroup tree (the container joined its cgroup already) and give it a private /dev/shm.
+    steps.append("umount -R /sys/fs/cgroup 2>/dev/null || true")
+    steps.append("while mountpoint -q /dev/shm; do umount /dev/shm; done")
+    steps.append("mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm")
     for m in spec.mounts:  # before /tmp is covered: sources may live under the host's /tmp
         src, dst = shlex.quote(m.source), shlex.quote(m.target)
         steps.append(f"mkdir -p {dst} && mount --bind {src} {dst}")

@@ -337,6 +337,8 @@ class SnapshotStore:
             "/",
             "--pidfile",
             str(pidfile),
+            # Don't recreate the original container's cgroups: the worker puts each copy in its own.
+            "--manage-cgroups=ignore",
         ]
         for role, old_pipe in snapshot.manifest["channels"].items():
             args += ["--inherit-fd", f"fd[{pipes.container_fds[role]}]:{old_pipe}"]
