@@ -530,3 +530,37 @@ def test_snapshot_rm_deletes_it_and_the_next_cold_start_makes_a_fresh_one(platfo
     [(new_dir, new_manifest)] = _snapshot_dirs(platform, app, "f")
     assert new_dir != snap_dir and new_manifest["metadata"]["key"] == key
     assert [r["state"] for r in _snapshot_rows(platform, label)] == ["ok"]
+
+
+def test_memory_limit_holds_in_a_restored_container(platform: Platform) -> None:
+    app = _unique("snap-memory")
+    label = f"{app}.alloc"
+    path = _deploy(
+        platform,
+        app,
+        """
+        import os
+
+        @app.function(enable_memory_snapshot=True, memory=128)
+        def alloc(mb):
+            block = bytearray(mb * 1024 * 1024)
+            for i in range(0, len(block), 4096):
+                block[i] = 1
+            return os.environ["WARMBOOT_CONTAINER_ID"]
+        """,
+    )
+    _call(platform, app, "alloc", None, 4)  # cold boot, makes the snapshot
+    _new_cold_start(platform, app, path)
+    restored = _call(platform, app, "alloc", None, 4)
+    assert _restored_ids(platform, label) == [restored]
+    out = platform.python(
+        f"""
+        import warmboot
+        from warmboot.errors import ContainerCrashedError
+        try:
+            warmboot.Function.from_name({app!r}, "alloc").remote(400)
+        except ContainerCrashedError as exc:
+            print("crashed:", exc)
+        """
+    )
+    assert f"container {restored}" in out.stdout and "out of memory" in out.stdout, out.stdout

@@ -162,6 +162,18 @@ class Container:
             self._returncode = -1  # reaped elsewhere: the exit status is not ours to know
         return self._returncode
 
+    def pids(self) -> list[int]:
+        """Host PIDs of every process in the container (its init first)."""
+        found, todo = [], [self.pid]
+        while todo:
+            pid = todo.pop()
+            found.append(pid)
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        todo.extend(int(c) for c in f.read().split())
+        return found
+
     def is_running(self) -> bool:
         if self._returncode is not None:
             return False

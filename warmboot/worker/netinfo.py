@@ -15,19 +15,6 @@ _TCP_LISTEN = "0A"
 _TABLES = ("tcp", "tcp6", "udp", "udp6")
 
 
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        found.append(p)
-        with contextlib.suppress(OSError):
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    todo.extend(int(c) for c in f.read().split())
-    return found
-
-
 def _socket_inodes(pid: int) -> set[str]:
     inodes = set()
     with contextlib.suppress(OSError):
@@ -50,9 +37,9 @@ def _address(hex_addr: str) -> str:
     return f"[{socket.inet_ntop(socket.AF_INET6, struct.pack('>4I', *words))}]:{port}"
 
 
-def open_connections(pid: int) -> list[str]:
-    """Connections held by the process tree rooted at ``pid``: ``"tcp 10.0.0.5:5432"``-style strings."""
-    pids = _tree(pid)
+def open_connections(pids: list[int]) -> list[str]:
+    """Connections held by these processes (a container's): ``"tcp 10.0.0.5:5432 (local ...)"`` strings."""
+    pid = pids[0]
     inodes: set[str] = set()
     for p in pids:
         inodes |= _socket_inodes(p)

@@ -102,7 +102,8 @@ class FunctionContainer:
         self.timings.update(self.container.timings)
         if self.plan.memory_mib:
             self._cgroup = cgroups.create_memory_cgroup(self.id, self.plan.memory_mib)
-            (self._cgroup / "cgroup.procs").write_text(str(self.container.pid))
+            for pid in self.container.pids():  # every process: a child does not follow its parent's move
+                (self._cgroup / "cgroup.procs").write_text(str(pid))
         self._start_pumps()
 
     def checkpoint(self, store: SnapshotStore, **metadata: Any) -> Snapshot:
@@ -113,7 +114,7 @@ class FunctionContainer:
     def open_connections(self) -> list[str]:
         """Network connections (not listening sockets) held by the container's processes, as "proto peer"."""
         assert self.container is not None
-        return netinfo.open_connections(self.container.pid)
+        return netinfo.open_connections(self.container.pids())
 
     def start(self, env: Mapping[str, str], *, reseed: bool = False) -> None:
         """Continue past the snapshot point with this container's environment; run ``@enter(snap=False)``.
