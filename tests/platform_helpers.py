@@ -18,11 +18,11 @@ WARMBOOT = str(Path(sys.executable).parent / "warmboot")
 class Platform:
     """A warmboot home (under /var/tmp: containers get a private /tmp) and the server running on it."""
 
-    def __init__(self) -> None:
+    def __init__(self, extra_env: dict[str, str] | None = None) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="warmboot-test-", dir="/var/tmp"))
         self.apps_dir = self.home / "appfiles"
         self.apps_dir.mkdir()
-        self.env = {**os.environ, "WARMBOOT_HOME": str(self.home), "COLUMNS": "250"}
+        self.env = {**os.environ, "WARMBOOT_HOME": str(self.home), "COLUMNS": "250", **(extra_env or {})}
         self.server: subprocess.Popen[bytes] | None = None
 
     # ----- server --------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from warmboot.server.logs import LogBook
 from warmboot.server.pool import Call, FunctionPool, PoolSettings, SnapshotPlan
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.state import AppRecord, State
-from warmboot.worker import images, runtime_lib
+from warmboot.worker import gpus, images, runtime_lib
 from warmboot.worker.container import BindMount
 from warmboot.worker.runner import LaunchPlan
 from warmboot.worker.snapshot import SnapshotStore
@@ -39,8 +39,8 @@ _FINISHED_CALL_TTL = 3600.0
 
 
 def gpus_present() -> list[str]:
-    """The NVIDIA GPU device nodes of this machine."""
-    return sorted(str(p) for p in Path("/dev").glob("nvidia[0-9]*"))
+    """The GPU device nodes of this machine."""
+    return list(gpus.inventory().gpus)
 
 
 class RunningApp:
@@ -95,6 +95,10 @@ class RunningApp:
                 memory_mib=opts["memory"],
                 label=label,
                 runtime_path=":".join([str(runtime_lib.ensure(home)), *image.pythonpath]),
+                gpus=gpus.inventory() if opts["gpu"] else None,
+                gpus_after_snapshot=bool(
+                    opts["enable_memory_snapshot"] and not opts["experimental_options"].get("enable_gpu_snapshot")
+                ),
             )
 
         def start_env() -> dict[str, str]:

@@ -54,6 +54,9 @@ class ContainerSpec:
     cwd: str = "/"
     mounts: Sequence[BindMount] = ()
     private_tmp: bool = True
+    #: A private /dev (a tmpfs with the usual character devices) holding only these extra device nodes.
+    private_dev: bool = False
+    devices: Sequence[str] = ()
     cgroup: str | None = None  #: a cgroup directory the container's init joins before it execs the command
 
 
@@ -211,19 +214,44 @@ def _high_fd(fd: int) -> int:
     return moved
 
 
+_STANDARD_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+
+
+def _private_dev_steps(devices: Sequence[str]) -> list[str]:
+    """Shell steps that give the container its own /dev with the standard nodes plus ``devices``."""
+    from warmboot.worker.gpus import node_commands
+
+    steps = ["umount -R /dev 2>/dev/null || true", "mount -t tmpfs -o mode=755,nosuid tmpfs /dev"]
+    for name, (major, minor) in _STANDARD_DEVICES.items():
+        steps.append(f"mknod /dev/{name} c {major} {minor} && chmod 666 /dev/{name}")
+    steps += [
+        "mkdir /dev/shm /dev/pts",
+        "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm",
+        "ln -s /proc/self/fd /dev/fd",
+        "ln -s /proc/self/fd/0 /dev/stdin",
+        "ln -s /proc/self/fd/1 /dev/stdout",
+        "ln -s /proc/self/fd/2 /dev/stderr",
+    ]
+    return steps + node_commands(tuple(devices))
+
+
 def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     """The bash script run as the namespace's init: it sets up mounts and descriptors, then becomes its init.
 
     bash rather than sh because the fd numbers to remap may have two digits.
     """
-    steps = ["set -e", "mount --make-rprivate /"]
+    # A /proc of the container's own PID namespace: it sees its processes only (as a restored copy would).
+    steps = ["set -e", "mount --make-rprivate /", "mount -t proc -o nosuid,nodev,noexec proc /proc"]
     if spec.cgroup:
         steps.append(f"echo 0 > {shlex.quote(spec.cgroup + '/cgroup.procs')}")
     # Every mount in the namespace is one more for CRIU to recreate at each restore (tmpfs ones through tar):
     # drop the host's cgroup tree (the container joined its cgroup already) and give it a private /dev/shm.
     steps.append("umount -R /sys/fs/cgroup 2>/dev/null || true")
-    steps.append("while mountpoint -q /dev/shm; do umount /dev/shm; done")
-    steps.append("mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm")
+    if spec.private_dev:
+        steps.extend(_private_dev_steps(spec.devices))
+    else:
+        steps.append("while mountpoint -q /dev/shm; do umount /dev/shm; done")
+        steps.append("mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm")
     for m in spec.mounts:  # before /tmp is covered: sources may live under the host's /tmp
         src, dst = shlex.quote(m.source), shlex.quote(m.target)
         steps.append(f"mkdir -p {dst} && mount --bind {src} {dst}")

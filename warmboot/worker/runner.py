@@ -21,6 +21,7 @@ from warmboot.errors import ContainerBootError, ContainerCrashedError, Container
 from warmboot.runtime import wire
 from warmboot.worker import cgroups, netinfo
 from warmboot.worker import container as containers
+from warmboot.worker import gpus as gpu_devices
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 log = logging.getLogger("warmboot.worker")
@@ -48,6 +49,9 @@ class LaunchPlan:
     memory_mib: int | None = None
     boot_timeout: float = 600.0
     label: str = ""  #: "app.function", for logs
+    gpus: gpu_devices.GpuInventory | None = None  #: the GPUs a gpu= function gets
+    #: CPU memory snapshot of a GPU function: no GPU before the snapshot point, its GPUs after.
+    gpus_after_snapshot: bool = False
     runtime_path: str = ""  #: PYTHONPATH entry holding warmboot's runtime
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -83,6 +87,9 @@ class FunctionContainer:
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": ":".join(p for p in (self.plan.runtime_path, self.plan.env.get("PYTHONPATH", "")) if p),
         }
+        gpus = self.plan.gpus
+        if gpus is not None:
+            env.update(gpu_devices.HIDDEN_ENV if self.plan.gpus_after_snapshot else gpus.visible_env())
         if self.plan.memory_mib:
             self._cgroup = cgroups.create_memory_cgroup(self.id, self.plan.memory_mib)
         spec = containers.ContainerSpec(
@@ -90,6 +97,8 @@ class FunctionContainer:
             env=env,
             mounts=self.plan.mounts,
             cgroup=str(self._cgroup) if self._cgroup else None,
+            private_dev=gpus is not None,
+            devices=gpus.nodes() if gpus is not None and not self.plan.gpus_after_snapshot else (),
         )
         self.container = containers.start(spec)
         self._start_pumps()
@@ -122,7 +131,12 @@ class FunctionContainer:
         ``reseed``: reseed the random generators (a restored copy must not repeat its siblings' draws).
         """
         started = time.monotonic()
-        self._send({"type": wire.START, "env": dict(env), "container_id": self.id, "reseed": reseed})
+        env = dict(env)
+        if self.plan.gpus is not None and self.plan.gpus_after_snapshot:
+            assert self.container is not None
+            gpu_devices.add_to_container(self.container.pid, self.plan.gpus.nodes())
+            env.update(self.plan.gpus.visible_env())
+        self._send({"type": wire.START, "env": env, "container_id": self.id, "reseed": reseed})
         self._expect(wire.READY, self.plan.boot_timeout, "running @enter hooks")
         self.timings["start_ms"] = (time.monotonic() - started) * 1000
 

@@ -1,0 +1,76 @@
+"""This worker's NVIDIA GPUs, and putting their device nodes into a container.
+
+A CPU memory snapshot of a GPU function must be taken with no GPU visible (a CUDA context cannot be
+checkpointed by CRIU alone), so such a container boots with a private ``/dev`` that lacks the GPU nodes and
+``CUDA_VISIBLE_DEVICES`` empty; its GPUs are added, and the variables set, only after the snapshot point.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+from dataclasses import dataclass
+
+from warmboot.errors import ContainerError
+
+#: Overrides discovery (colon-separated device node paths): for machines whose GPUs are not at /dev/nvidiaN.
+DEVICES_ENV = "WARMBOOT_GPU_DEVICES"
+_CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", "/dev/nvidia-modeset")
+
+
+@dataclass(frozen=True)
+class GpuInventory:
+    """Device nodes of the GPUs (one per GPU, in index order) and of the driver's control devices."""
+
+    gpus: tuple[str, ...]
+    control: tuple[str, ...]
+
+    def nodes(self) -> tuple[str, ...]:
+        return self.gpus + self.control
+
+    def visible_env(self) -> dict[str, str]:
+        """The variables that show a process all of this worker's GPUs."""
+        indices = ",".join(str(i) for i in range(len(self.gpus)))
+        return {"CUDA_VISIBLE_DEVICES": indices, "NVIDIA_VISIBLE_DEVICES": indices}
+
+
+HIDDEN_ENV = {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"}
+
+
+def inventory() -> GpuInventory:
+    """The GPUs of this worker (empty when it has none)."""
+    configured = os.environ.get(DEVICES_ENV)
+    if configured is not None:
+        gpus = tuple(p for p in configured.split(":") if p)
+    else:
+        gpus = tuple(sorted(glob.glob("/dev/nvidia[0-9]*"), key=lambda p: int(p.removeprefix("/dev/nvidia"))))
+    control = tuple(p for p in _CONTROL_NODES if os.path.exists(p)) if gpus else ()
+    return GpuInventory(gpus, control)
+
+
+def node_commands(nodes: tuple[str, ...]) -> list[str]:
+    """Shell commands that create these device nodes in the container's /dev (same type, major and minor)."""
+    commands = []
+    for node in nodes:
+        st = os.stat(node)
+        kind = "c" if (st.st_mode & 0o170000) == 0o020000 else "b"
+        name = "/dev/" + os.path.basename(node)
+        # mknod, then chmod: `mknod -m` changes the mode through /proc/self, which nsenter may not see.
+        commands.append(f"mknod {name} {kind} {os.major(st.st_rdev)} {os.minor(st.st_rdev)} && chmod 666 {name}")
+    return commands
+
+
+def add_to_container(init_pid: int, nodes: tuple[str, ...]) -> None:
+    """Create the device nodes inside a running container's private /dev (after its snapshot point)."""
+    script = " && ".join(node_commands(nodes))
+    if not script:
+        return
+    proc = subprocess.run(
+        ["nsenter", "--target", str(init_pid), "--mount", "--", "/bin/sh", "-c", script],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise ContainerError(f"could not add GPU devices to container {init_pid}: {proc.stderr.strip()}")
