@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-engine test lint bench doctor
+.PHONY: setup demo demo-engine test lint bench bench-engine doctor
 
 setup:
 	@bash scripts/setup.sh
@@ -23,6 +23,9 @@ demo-engine: setup
 	@$(PY) bench/engine_demo.py
 
 bench: setup
+	@$(PY) bench/cold_starts.py
+
+bench-engine: setup
 	@$(PY) bench/restore.py
 
 doctor: setup

@@ -54,6 +54,10 @@ class SnapshotCorruptError(RestoreError):
     """The snapshot's images do not match their recorded checksums (or its manifest is unreadable); refused."""
 
 
+class GpuSnapshotError(SnapshotError):
+    """A CUDA process could not be locked, checkpointed, restored or unlocked for a GPU memory snapshot."""
+
+
 class SnapshotNotFoundError(SnapshotError):
     """No published snapshot has that id."""
 

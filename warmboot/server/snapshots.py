@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmboot.errors import SnapshotError, SnapshotNotFoundError
-from warmboot.worker import host
+from warmboot.worker import cuda_checkpoint, host
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 MAX_RECREATIONS = 1
@@ -69,6 +69,8 @@ def snapshot_key(app_name: str, tag: str, fspec: dict[str, Any], code_digest: st
         "experimental": opts.get("experimental_options", {}),
         "worker": {"cpu": fp.cpu, "kernel": fp.kernel, "criu": fp.criu_version},
     }
+    if opts.get("gpu"):  # GPU state (or a GPU function's libraries) must meet the driver it was made with
+        material["worker"]["gpu_driver"] = cuda_checkpoint.driver_version()
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 

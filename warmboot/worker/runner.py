@@ -17,9 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from warmboot.errors import ContainerBootError, ContainerCrashedError, ContainerError, FunctionTimeoutError
+from warmboot.errors import (
+    ContainerBootError,
+    ContainerCrashedError,
+    ContainerError,
+    FunctionTimeoutError,
+    GpuSnapshotError,
+    WarmbootError,
+)
 from warmboot.runtime import wire
-from warmboot.worker import cgroups, netinfo
+from warmboot.worker import cgroups, cuda_checkpoint, netinfo
 from warmboot.worker import container as containers
 from warmboot.worker import gpus as gpu_devices
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
@@ -113,12 +120,50 @@ class FunctionContainer:
             self._cgroup = cgroups.create_memory_cgroup(self.id, self.plan.memory_mib)
             for pid in self.container.pids():  # every process: a child does not follow its parent's move
                 (self._cgroup / "cgroup.procs").write_text(str(pid))
+        if snapshot.manifest.get("metadata", {}).get("gpu_snapshot"):
+            # A GPU memory snapshot: put the copy's device memory back on the GPU (GpuSnapshotError if not).
+            resumed = time.monotonic()
+            cuda_checkpoint.resume(self.container.pids())
+            self.timings["cuda_restore_ms"] = (time.monotonic() - resumed) * 1000
         self._start_pumps()
 
+    @property
+    def gpu_snapshot(self) -> bool:
+        """Whether a snapshot of this container holds its GPU state (experimental ``enable_gpu_snapshot``)."""
+        return self.plan.gpus is not None and not self.plan.gpus_after_snapshot
+
     def checkpoint(self, store: SnapshotStore, **metadata: Any) -> Snapshot:
-        """Snapshot this container at its snapshot point; it goes on running afterwards."""
+        """Snapshot this container at its snapshot point; it goes on running afterwards.
+
+        For a GPU memory snapshot its CUDA processes are locked and checkpointed around CRIU's dump, then
+        restored; a failure there raises :class:`GpuSnapshotError` (the snapshot is not kept).
+        """
         assert self.container is not None
-        return store.checkpoint(self.container, leave_running=True, metadata=metadata)
+        if not self.gpu_snapshot:
+            return store.checkpoint(self.container, leave_running=True, metadata=metadata)
+        suspended = cuda_checkpoint.suspend(self.container.pids())
+        try:
+            snap = store.checkpoint(self.container, leave_running=True, metadata={**metadata, "gpu_snapshot": True})
+        except BaseException:
+            self._resume_cuda(suspended)
+            raise
+        try:
+            self._resume_cuda(suspended)
+        except GpuSnapshotError:
+            with contextlib.suppress(WarmbootError, OSError):
+                store.delete(snap.id)  # not recorded anywhere once this raises
+            raise
+        return snap
+
+    def _resume_cuda(self, suspended: list[int]) -> None:
+        """Give the original its GPU state back after the dump; kill it if that fails (it cannot serve)."""
+        if not suspended:
+            return
+        try:
+            cuda_checkpoint.resume(suspended)
+        except GpuSnapshotError:
+            self.kill()  # start() then reports the container dead
+            raise
 
     def open_connections(self) -> list[str]:
         """Network connections (not listening sockets) held by the container's processes, as "proto peer"."""

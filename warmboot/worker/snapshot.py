@@ -85,6 +85,24 @@ class Snapshot:
             return "marked broken (unreadable mark)"
 
 
+# Filesystems CRIU can neither dump nor recreate (a GPU driver's squashfs, FUSE, network filesystems): their
+# mounts are declared external at dump and bind-mounted back from the same host path at restore, which means
+# the same thing there since a container sees the host's filesystem.
+_EXTERNAL_FS = frozenset({"squashfs", "erofs", "fuse", "fuseblk", "nfs", "nfs4", "cifs", "9p", "virtiofs", "overlay"})
+
+
+def _external_mounts(pid: int) -> dict[str, str]:
+    """The container's mounts of filesystems CRIU cannot handle itself: {external key: mountpoint}."""
+    found: dict[str, str] = {}
+    with open(f"/proc/{pid}/mountinfo") as f:
+        for line in f:
+            fields, _, rest = line.partition(" - ")
+            mountpoint, fstype = fields.split()[4], rest.split()[0]
+            if mountpoint != "/" and (fstype in _EXTERNAL_FS or fstype.startswith("fuse.")):
+                found[f"wb-ext-{len(found)}"] = mountpoint
+    return found
+
+
 def _hash_file(path: Path) -> str:
     digest = xxhash.xxh3_128()
     with open(path, "rb") as f:
@@ -194,6 +212,9 @@ class SnapshotStore:
         started = time.monotonic()
         try:
             args = ["dump", "-t", str(target.pid), "-D", str(tmp), "-W", str(tmp)]
+            external = _external_mounts(target.pid)
+            for key, mountpoint in external.items():
+                args += ["--external", f"mnt[{mountpoint}]:{key}"]
             if leave_running:
                 args.append("--leave-running")
             result = criu.run(args, log_path=tmp / DUMP_LOG)
@@ -204,7 +225,7 @@ class SnapshotStore:
                     criu_errors=result.errors,
                 )
             dump_s = time.monotonic() - started
-            manifest = self._write_manifest(tmp, target, snapshot_id, dump_s, metadata or {})
+            manifest = self._write_manifest(tmp, target, snapshot_id, dump_s, metadata or {}, external)
             os.rename(tmp, final)
             _fsync_path(self.root)
         except BaseException:
@@ -226,6 +247,7 @@ class SnapshotStore:
         snapshot_id: str,
         dump_s: float,
         metadata: dict[str, Any],
+        external: dict[str, str],
     ) -> dict[str, Any]:
         files: dict[str, dict[str, Any]] = {}
         for path in sorted(tmp.iterdir()):
@@ -245,6 +267,7 @@ class SnapshotStore:
             "kernel": fp.kernel,
             "cpu": {"model": fp.cpu_model, "flags_sha256": fp.cpu_flags_sha256, "id": fp.cpu},
             "channels": target.pipe_ids,
+            "external_mounts": external,
             "files": files,
             "total_bytes": sum(f["size"] for f in files.values()),
             "metadata": metadata,
@@ -340,6 +363,8 @@ class SnapshotStore:
             # Don't recreate the original container's cgroups: the worker puts each copy in its own.
             "--manage-cgroups=ignore",
         ]
+        for key, mountpoint in snapshot.manifest.get("external_mounts", {}).items():
+            args += ["--external", f"mnt[{key}]:{mountpoint}"]
         for role, old_pipe in snapshot.manifest["channels"].items():
             args += ["--inherit-fd", f"fd[{pipes.container_fds[role]}]:{old_pipe}"]
         try:
