@@ -20,6 +20,7 @@ CHECK_NAMES = [
     "userfaultfd",
     "pid+mount namespaces",
     "cgroups",
+    "transparent hugepages",
     "snapshot disk",
 ]
 
@@ -116,3 +117,13 @@ def test_privileges_check_reads_capeff(tmp_path: Path) -> None:
     assert not result.ok and "CAP_CHECKPOINT_RESTORE" in result.detail and result.fix
     status.write_text("Name:\tx\nCapEff:\t0000010000200000\n")  # both
     assert doctor.check_privileges(status).ok
+
+
+def test_hugepages_check_reads_the_mode(tmp_path: Path) -> None:
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    result = doctor.check_hugepages(setting)
+    assert (result.ok, result.required) == (False, False)
+    assert "madvise" in result.detail and "echo always" in result.fix
+    setting.write_text("[always] madvise never\n")
+    assert doctor.check_hugepages(setting).ok
