@@ -45,7 +45,12 @@ fi
 echo "== CRIU: $WARMBOOT_CRIU ($("$WARMBOOT_CRIU" --version 2>&1 | head -1))"
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 
-timeout -k 10 280 "$PY" bench/gpu_check.py --python "$PY" "$@"
+timeout -k 10 200 "$PY" bench/gpu_check.py --python "$PY" "$@"
 rc=$?
+echo "== CPU memory snapshot of a GPU function (phases), through the worker"
+timeout -k 10 100 "$PY" bench/gpu_phases_check.py "$PY" 2>&1 | tee "$OUT/gpu_phases.log"
+rc2=${PIPESTATUS[0]}
+echo "== gpu_phases_check.py exit status $rc2"
+[ "$rc" = 0 ] && rc=$rc2
 echo "== gpu_check.py exit status $rc (124: the 280 s limit)"
 exit $rc

@@ -133,3 +133,21 @@ def test_a_failed_gpu_checkpoint_raises_a_snapshot_error_and_publishes_nothing(t
         assert fc.container.is_running()  # the cold-booted container can still serve
     finally:
         fc.kill()
+
+
+def test_gpu_request_on_a_machine_without_gpus_names_the_option() -> None:
+    from warmboot.errors import UnsupportedOptionError
+    from warmboot.worker import gpus
+
+    with pytest.raises(UnsupportedOptionError, match=r"gpu='h100'.*no NVIDIA GPU"):
+        gpus.check_request("h100", "app.f", gpus.GpuInventory((), ()))
+
+
+def test_gpu_count_beyond_the_machine_is_refused_naming_what_it_has() -> None:
+    from warmboot.errors import UnsupportedOptionError
+    from warmboot.worker import gpus
+
+    one = gpus.GpuInventory(("/dev/nvidia0",), ())
+    gpus.check_request("any", "app.f", one)
+    with pytest.raises(UnsupportedOptionError, match=r"asks for 2 GPUs; this machine has"):
+        gpus.check_request("any:2", "app.f", one)

@@ -84,6 +84,20 @@ def _reseed() -> None:
         torch.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
 
 
+def _forget_cached_gpu_counts() -> None:
+    """GPUs appeared after the snapshot point: drop what torch cached about there being none."""
+    torch = sys.modules.get("torch")
+    cuda = getattr(torch, "cuda", None)
+    if cuda is None:
+        return
+    if hasattr(cuda, "_cached_device_count"):
+        cuda._cached_device_count = None
+    for name in ("device_count", "_device_count_nvml", "_device_count_amdsmi"):
+        clear = getattr(getattr(cuda, name, None), "cache_clear", None)
+        if clear is not None:
+            clear()
+
+
 def _outcome(service: _Service, method: str | None, payload: bytes) -> dict[str, Any]:
     import cloudpickle
 
@@ -133,6 +147,8 @@ def main() -> int:
     os.environ["WARMBOOT_CONTAINER_ID"] = start["container_id"]
     if start.get("reseed"):
         _reseed()
+    if start.get("gpus_added"):
+        _forget_cached_gpu_counts()
     try:
         service.run_hooks("enter")
     except BaseException:  # noqa: BLE001

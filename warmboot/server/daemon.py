@@ -20,7 +20,6 @@ from warmboot.errors import (
     InvalidOptionError,
     NotFoundError,
     ServerError,
-    UnsupportedOptionError,
     WarmbootError,
 )
 from warmboot.server.logs import LogBook
@@ -36,11 +35,6 @@ log = logging.getLogger("warmboot.server")
 
 APP_MOUNT = "/app"  # where the app's code appears in its containers
 _FINISHED_CALL_TTL = 3600.0
-
-
-def gpus_present() -> list[str]:
-    """The GPU device nodes of this machine."""
-    return list(gpus.inventory().gpus)
 
 
 class RunningApp:
@@ -204,13 +198,9 @@ class Server:
         functions = spec["functions"]
         if not functions:
             raise InvalidOptionError(f"app {name!r} defines no @app.function or @app.cls: nothing to deploy")
-        gpus = gpus_present()
         for tag, fspec in functions.items():
-            if fspec["options"].get("gpu") and not gpus:
-                raise UnsupportedOptionError(
-                    f"{name}.{tag}: gpu={fspec['options']['gpu']!r} cannot be honoured: this machine has no "
-                    "NVIDIA GPU (no /dev/nvidia* devices). Remove gpu= or deploy on a machine with one."
-                )
+            if fspec["options"].get("gpu"):
+                gpus.check_request(fspec["options"]["gpu"], f"{name}.{tag}")
             for path, vol in fspec["volumes"].items():
                 vdir = self.volume_dir(vol["name"])
                 if not vdir.is_dir():
@@ -276,8 +266,8 @@ class Server:
                 raise NotFoundError(f"{app.record.name}.{target['tag']} has no @method() named {method!r}")
         elif method is not None:
             raise InvalidOptionError(f"{app.record.name}.{target['tag']} is a function, not a class")
-        if fspec["options"].get("gpu") and not gpus_present():
-            raise UnsupportedOptionError(f"{app.record.name}.{target['tag']}: gpu= needs an NVIDIA GPU; none here")
+        if fspec["options"].get("gpu"):
+            gpus.check_request(fspec["options"]["gpu"], f"{app.record.name}.{target['tag']}")
         call = Call(method=method, args=msg["args"])
         with self._lock:
             self._forget_old_calls()

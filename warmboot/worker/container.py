@@ -232,7 +232,12 @@ def _private_dev_steps(devices: Sequence[str]) -> list[str]:
         "ln -s /proc/self/fd/1 /dev/stdout",
         "ln -s /proc/self/fd/2 /dev/stderr",
     ]
-    return steps + node_commands(tuple(devices))
+    steps += node_commands(tuple(devices))
+    if not devices:
+        # GPUs withheld until after the snapshot point: a read-only /dev also stops the CUDA driver, which
+        # creates missing /dev/nvidia* nodes itself when it initialises as root.
+        steps.append("mount -o remount,ro /dev")
+    return steps
 
 
 def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:

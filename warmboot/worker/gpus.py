@@ -12,7 +12,7 @@ import os
 import subprocess
 from dataclasses import dataclass
 
-from warmboot.errors import ContainerError
+from warmboot.errors import ContainerError, UnsupportedOptionError
 
 #: Overrides discovery (colon-separated device node paths): for machines whose GPUs are not at /dev/nvidiaN.
 DEVICES_ENV = "WARMBOOT_GPU_DEVICES"
@@ -35,7 +35,13 @@ class GpuInventory:
         return {"CUDA_VISIBLE_DEVICES": indices, "NVIDIA_VISIBLE_DEVICES": indices}
 
 
-HIDDEN_ENV = {"CUDA_VISIBLE_DEVICES": "", "NVIDIA_VISIBLE_DEVICES": "void"}
+HIDDEN_ENV = {
+    "CUDA_VISIBLE_DEVICES": "",
+    "NVIDIA_VISIBLE_DEVICES": "void",
+    # torch.cuda.is_available() then asks NVML instead of initialising CUDA: an initialisation that found no
+    # GPU is cached for the life of the process, and would make the GPUs added after the snapshot invisible.
+    "PYTORCH_NVML_BASED_CUDA_CHECK": "1",
+}
 
 
 def inventory() -> GpuInventory:
@@ -57,15 +63,16 @@ def node_commands(nodes: tuple[str, ...]) -> list[str]:
         kind = "c" if (st.st_mode & 0o170000) == 0o020000 else "b"
         name = "/dev/" + os.path.basename(node)
         # mknod, then chmod: `mknod -m` changes the mode through /proc/self, which nsenter may not see.
-        commands.append(f"mknod {name} {kind} {os.major(st.st_rdev)} {os.minor(st.st_rdev)} && chmod 666 {name}")
+        numbers = f"{kind} {os.major(st.st_rdev)} {os.minor(st.st_rdev)}"
+        commands.append(f"{{ [ -e {name} ] || mknod {name} {numbers}; }} && chmod 666 {name}")
     return commands
 
 
 def add_to_container(init_pid: int, nodes: tuple[str, ...]) -> None:
     """Create the device nodes inside a running container's private /dev (after its snapshot point)."""
-    script = " && ".join(node_commands(nodes))
-    if not script:
+    if not nodes:
         return
+    script = " && ".join(["mount -o remount,rw /dev", *node_commands(nodes)])
     proc = subprocess.run(
         ["nsenter", "--target", str(init_pid), "--mount", "--", "/bin/sh", "-c", script],
         capture_output=True,
@@ -74,3 +81,39 @@ def add_to_container(init_pid: int, nodes: tuple[str, ...]) -> None:
     )
     if proc.returncode != 0:
         raise ContainerError(f"could not add GPU devices to container {init_pid}: {proc.stderr.strip()}")
+
+
+def models() -> list[str]:
+    """The GPUs' model names from the driver (e.g. "NVIDIA H200"); empty where the driver does not say."""
+    found = []
+    for info in sorted(glob.glob("/proc/driver/nvidia/gpus/*/information")):
+        with open(info) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "Model":
+                    found.append(value.strip())
+    return found
+
+
+def check_request(gpu: str, label: str, inventory_: GpuInventory | None = None) -> None:
+    """Refuse a ``gpu=`` request this worker cannot honour, naming what it has.
+
+    ``gpu`` is ``"any"`` or a type such as ``"h100"``/``"A10G"``, optionally with a count (``"h100:2"``).
+    """
+    have = inventory_ or inventory()
+    kind, _, count_text = str(gpu).partition(":")
+    count = int(count_text) if count_text.isdigit() else 1
+    names = models()
+    described = ", ".join(names) if names else f"{len(have.gpus)} GPU(s) of unknown type"
+    if not have.gpus:
+        raise UnsupportedOptionError(
+            f"{label}: gpu={gpu!r} cannot be honoured: this machine has no NVIDIA GPU (no /dev/nvidia* devices). "
+            "Remove gpu= or deploy on a machine with one."
+        )
+    if count > len(have.gpus):
+        raise UnsupportedOptionError(f"{label}: gpu={gpu!r} asks for {count} GPUs; this machine has {described}")
+    wanted = kind.strip().lower()
+    if wanted not in ("", "any") and names and not all(wanted in n.lower() for n in names):
+        raise UnsupportedOptionError(
+            f"{label}: gpu={gpu!r} cannot be honoured: this machine has {described}; use gpu='any' or one of its types"
+        )

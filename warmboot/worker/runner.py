@@ -181,7 +181,10 @@ class FunctionContainer:
             assert self.container is not None
             gpu_devices.add_to_container(self.container.pid, self.plan.gpus.nodes())
             env.update(self.plan.gpus.visible_env())
-        self._send({"type": wire.START, "env": env, "container_id": self.id, "reseed": reseed})
+        gpus_added = self.plan.gpus is not None and self.plan.gpus_after_snapshot
+        self._send(
+            {"type": wire.START, "env": env, "container_id": self.id, "reseed": reseed, "gpus_added": gpus_added}
+        )
         self._expect(wire.READY, self.plan.boot_timeout, "running @enter hooks")
         self.timings["start_ms"] = (time.monotonic() - started) * 1000
 
