@@ -40,7 +40,8 @@ def first_reply(c: containers.Container) -> bytes:
 
 def main() -> None:
     console = Console()
-    spec = containers.ContainerSpec(argv=[sys.executable, "-c", CHILD])
+    # private_tmp=False: the checkout's .venv (numpy) may live under /tmp, which a private /tmp would hide.
+    spec = containers.ContainerSpec(argv=[sys.executable, "-c", CHILD], private_tmp=False)
     store = SnapshotStore(Path(tempfile.mkdtemp(prefix="warmboot-demo-")))
 
     console.print("[bold]warmboot demo[/]: a process that imports numpy and builds 200 MB of state")

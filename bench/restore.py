@@ -191,6 +191,7 @@ def _spec(workload: Workload) -> containers.ContainerSpec:
     return containers.ContainerSpec(
         argv=workload.argv,
         env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        private_tmp=False,  # the checkout's .venv (numpy) may live under /tmp, which a private /tmp hides
     )
 
 

@@ -43,6 +43,7 @@ class Running:
             argv=[sys.executable, "-S", str(CHILDREN / "stateful.py"), *args],
             mounts=mounts,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+            private_tmp=False,  # the checkout and its .venv may live under /tmp, which a private /tmp hides
         )
         c = self.add(containers.start(spec))
         assert c.channels.control_out.readline() == b"ready\n", c.channels.stderr.read().decode()

@@ -77,6 +77,7 @@ def test_stdout_of_a_restored_copy_reaches_its_own_pipe(store: SnapshotStore, ru
             "for l in r:\n    print('out:'+l.decode().strip(), flush=True)\n"
             "    print('err:'+l.decode().strip(), file=sys.stderr, flush=True)\n    w.write(b'ok\\n')\n",
         ],
+        private_tmp=False,  # the checkout's .venv may live under /tmp
     )
     original = running.add(containers.start(spec))
     assert original.channels.control_out.readline() == b"ready\n"
