@@ -21,13 +21,13 @@ console = Console()
 err = Console(stderr=True)
 
 
-def _fail(exc: WarmbootError) -> typer.Exit:
+def fail(exc: WarmbootError) -> typer.Exit:
     err.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
     return typer.Exit(1)
 
 
-def _when(ts: float) -> str:
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+def timestamp(ts: float | None) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
 # ----- apps and containers ---------------------------------------------------------------------------
@@ -46,7 +46,7 @@ def app_list() -> None:
     try:
         rows = client.request("app_list")
     except WarmbootError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     table = Table("name", "app id", "state", "version", "functions", "containers", "created")
     for r in rows:
         table.add_row(
@@ -56,7 +56,7 @@ def app_list() -> None:
             str(r["version"]),
             ", ".join(r["functions"]),
             str(r["containers"]),
-            _when(r["created_at"]),
+            timestamp(r["created_at"]),
         )
     console.print(table)
 
@@ -72,7 +72,7 @@ def app_stop(name: str = typer.Argument(..., help="The app's name (or id).")) ->
     try:
         stopped = client.request("app_stop", app=name)
     except WarmbootError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"Stopped app [bold]{stopped}[/bold]")
 
 
@@ -90,10 +90,10 @@ def container_list() -> None:
     try:
         rows = client.request("container_list")
     except WarmbootError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     table = Table("container", "app", "function", "pid", "calls", "started")
     for r in rows:
-        table.add_row(r["id"], r["app"], r["function"], str(r["pid"]), str(r["calls"]), _when(r["started_at"]))
+        table.add_row(r["id"], r["app"], r["function"], str(r["pid"]), str(r["calls"]), timestamp(r["started_at"]))
     console.print(table)
 
 
@@ -112,7 +112,7 @@ def logs(
             if "line" in event:
                 console.print(event["line"], highlight=False, markup=False, soft_wrap=True)
     except WarmbootError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     except KeyboardInterrupt:
         pass
 
@@ -143,7 +143,7 @@ def secret_create(
     try:
         client.request("secret_create", name=name, values=values)
     except WarmbootError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     console.print(f"Created secret [bold]{name}[/bold] with keys {', '.join(sorted(values))}")
 
 
@@ -158,10 +158,10 @@ def secret_list() -> None:
     try:
         rows = client.request("secret_list")
     except WarmbootError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     table = Table("name", "keys", "updated")
     for r in rows:
-        table.add_row(r["name"], ", ".join(r["keys"]), _when(r["updated_at"]))
+        table.add_row(r["name"], ", ".join(r["keys"]), timestamp(r["updated_at"]))
     console.print(table)
 
 
@@ -193,7 +193,7 @@ def server_start(
         try:
             client.ensure_server()
         except WarmbootError as exc:
-            raise _fail(exc) from None
+            raise fail(exc) from None
         console.print(f"Server running (socket {config.server_socket()})")
         return
     from warmboot.server.daemon import run_forever
@@ -201,7 +201,7 @@ def server_start(
     try:
         run_forever()
     except WarmbootError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
 
 
 @server.command("status")
@@ -221,7 +221,7 @@ def server_status() -> None:
         raise typer.Exit(3) from None
     console.print(
         f"Server running: pid {info['pid']}, version {info['version']}, home {info['home']}, "
-        f"{info['apps']} app(s), up since {_when(info['started_at'])}"
+        f"{info['apps']} app(s), up since {timestamp(info['started_at'])}"
     )
 
 
@@ -278,14 +278,14 @@ def volume_put(
     try:
         Volume.from_name(name)
     except WarmbootError as exc:
-        raise _fail(exc) from None
+        raise fail(exc) from None
     src = Path(local_path)
     if not src.exists():
-        raise _fail(WarmbootError(f"no such file or directory: {local_path}"))
+        raise fail(WarmbootError(f"no such file or directory: {local_path}"))
     root = config.volume_dir(name)
     dest = (root / remote_path.lstrip("/")).resolve()
     if not dest.is_relative_to(root.resolve()):
-        raise _fail(WarmbootError(f"{remote_path} leaves the volume"))
+        raise fail(WarmbootError(f"{remote_path} leaves the volume"))
     if src.is_dir():
         shutil.copytree(src, dest if remote_path not in ("", "/") else root / src.name, dirs_exist_ok=True)
     else:

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import datetime
-
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from warmboot.cli.manage import console, fail, timestamp
 from warmboot.errors import WarmbootError
 from warmboot.sdk import client
 
-console = Console()
-err = Console(stderr=True)
-
 snapshots = typer.Typer(help="Memory snapshots of deployed functions.", no_args_is_help=True)
-
-
-def _when(ts: float | None) -> str:
-    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
 
 
 @snapshots.command("list")
@@ -32,8 +23,7 @@ def snapshot_list() -> None:
     try:
         rows = client.request("snapshot_list")
     except WarmbootError as exc:
-        err.print(f"[red]Error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        raise fail(exc) from None
     table = Table("function", "key", "state", "size", "created", "made in", "restores", "last restore", "note")
     for r in rows:
         table.add_row(
@@ -41,10 +31,10 @@ def snapshot_list() -> None:
             r["key"][:12],
             r["state"],
             f"{r['size_bytes'] / 1e6:.0f} MB" if r["size_bytes"] else "-",
-            _when(r["created_at"]),
+            timestamp(r["created_at"]),
             f"{r['create_seconds']:.2f} s" if r["create_seconds"] else "-",
             str(r["restores"]),
-            f"{r['last_restore_ms']:.0f} ms at {_when(r['last_restore_at'])}" if r["last_restore_ms"] else "-",
+            f"{r['last_restore_ms']:.0f} ms at {timestamp(r['last_restore_at'])}" if r["last_restore_ms"] else "-",
             (r["reason"] or "")[:80],
         )
     console.print(table)
@@ -61,6 +51,5 @@ def snapshot_rm(key: str = typer.Argument(..., help="The snapshot's key (or a un
     try:
         record = client.request("snapshot_rm", key=key)
     except WarmbootError as exc:
-        err.print(f"[red]Error:[/red] {exc}", highlight=False)
-        raise typer.Exit(1) from None
+        raise fail(exc) from None
     console.print(f"Deleted snapshot {record['key'][:12]} of {record['app_name']}.{record['tag']}")

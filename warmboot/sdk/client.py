@@ -108,19 +108,13 @@ def _pickle_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
     try:
         return cloudpickle.dumps((args, kwargs))
     except Exception as exc:
-        for i, value in enumerate(args):
+        named = [(str(i), v) for i, v in enumerate(args)] + [(repr(k), v) for k, v in kwargs.items()]
+        for name, value in named:
             try:
                 cloudpickle.dumps(value)
             except Exception:  # noqa: BLE001
                 raise errors.InvalidOptionError(
-                    f"argument {i} ({type(value).__name__}) cannot be pickled: {exc}"
-                ) from exc
-        for key, value in kwargs.items():
-            try:
-                cloudpickle.dumps(value)
-            except Exception:  # noqa: BLE001
-                raise errors.InvalidOptionError(
-                    f"argument {key!r} ({type(value).__name__}) cannot be pickled: {exc}"
+                    f"argument {name} ({type(value).__name__}) cannot be pickled: {exc}"
                 ) from exc
         raise errors.InvalidOptionError(f"the arguments cannot be pickled: {exc}") from exc
 

@@ -273,7 +273,7 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     # not be PID 1 itself, which the kernel shields from signals sent inside the namespace (a function could
     # not even SIGKILL itself) and which would inherit every orphan to reap. bash reaps them, and exits with
     # the command's status (128+N when a signal N killed it). `; exit $?` keeps bash from exec'ing the command.
-    steps.append("exec setsid /bin/bash -c '\"$@\"; exit $?' warmboot-init \"$@\"")
+    steps.append('exec setsid /bin/bash -c \'"$@"; exit $?\' warmboot-init "$@"')
     return "\n".join(steps)
 
 
