@@ -6,5 +6,4 @@ app = modal.App("memory-snapshot-class")
 @app.cls(enable_memory_snapshot=True)
 class MyCls:
     @modal.enter(snap=True)
-    def load(self):
-        ...
+    def load(self): ...

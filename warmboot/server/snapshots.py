@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from warmboot.errors import SnapshotError, SnapshotNotFoundError
-from warmboot.worker import cuda_checkpoint, host
+from warmboot.worker import cuda_checkpoint, gpus, host
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 MAX_RECREATIONS = 1
@@ -71,6 +71,7 @@ def snapshot_key(app_name: str, tag: str, fspec: dict[str, Any], code_digest: st
     }
     if opts.get("gpu"):  # GPU state (or a GPU function's libraries) must meet the driver it was made with
         material["worker"]["gpu_driver"] = cuda_checkpoint.driver_version()
+        material["worker"]["gpu_models"] = gpus.models()
     return hashlib.sha256(json.dumps(material, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
