@@ -2,6 +2,11 @@
 
 - :mod:`warmboot.worker.container` starts a process tree in its own namespaces, with caller-owned pipes.
 - :mod:`warmboot.worker.snapshot` checkpoints a container into a published snapshot and restores copies of it.
-- :mod:`warmboot.worker.criu` runs the CRIU binary and reads its log.
-- :mod:`warmboot.worker.host` fingerprints this machine (CPU, kernel, CRIU) so snapshots move only where they fit.
+- :mod:`warmboot.worker.runner` drives a function container through its phases (boot, snapshot point, start, calls).
+- :mod:`warmboot.worker.images` builds images (virtualenvs), content-addressed and cached.
+- :mod:`warmboot.worker.gpus` and :mod:`warmboot.worker.cuda_checkpoint`: GPU devices and GPU memory checkpoints.
+- :mod:`warmboot.worker.criu` runs the CRIU binary and reads its log; :mod:`warmboot.worker.host` fingerprints
+  this machine (CPU, kernel, CRIU) so snapshots move only where they fit.
+- :mod:`warmboot.worker.netinfo`, :mod:`warmboot.worker.cgroups`, :mod:`warmboot.worker.runtime_lib`: open
+  connections, memory limits, and the copy of warmboot that containers import.
 """
