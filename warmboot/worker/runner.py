@@ -287,9 +287,11 @@ class FunctionContainer:
             raise ContainerError(
                 f"{self.plan.label}: container {self.id} did not finish {doing} within {timeout:g} s"
             ) from None
-        except ContainerCrashedError as exc:
+        except ContainerCrashedError:
+            # Not ContainerBootError: a restored copy dying here is the snapshot's failure (the pool boots
+            # cold instead), while user code failing in a hook arrives as INIT_ERROR below.
             self.kill()
-            raise ContainerBootError(f"{self.plan.label}: {exc}", "") from None
+            raise
         if message["type"] == wire.INIT_ERROR:
             self.kill()
             phase = "importing the app" if message.get("phase") == "import" else "running @enter hooks"
