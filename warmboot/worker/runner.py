@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,6 @@ class LaunchPlan:
     #: CPU memory snapshot of a GPU function: no GPU before the snapshot point, its GPUs after.
     gpus_after_snapshot: bool = False
     runtime_path: str = ""  #: PYTHONPATH entry holding warmboot's runtime
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class FunctionContainer:
