@@ -102,11 +102,3 @@ def _module_paths(modules: list[str]) -> dict[str, str]:
         origin = Path(spec.origin)
         found[name] = str(origin.parent if origin.name == "__init__.py" else origin)
     return found
-
-
-def spec_digest(spec: dict[str, Any]) -> str:
-    """A stable id of an image spec (the build cache key, before local file contents are added)."""
-    import hashlib
-    import json
-
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from warmboot.worker import criu
 
@@ -23,9 +23,6 @@ class HostFingerprint:
     def cpu(self) -> str:
         """A short id of the CPU fingerprint (model and flags)."""
         return hashlib.sha256(f"{self.cpu_model}|{self.cpu_flags_sha256}".encode()).hexdigest()[:16]
-
-    def to_dict(self) -> dict[str, str]:
-        return asdict(self)
 
 
 def _cpuinfo() -> tuple[str, str]:

@@ -225,9 +225,6 @@ class FunctionContainer:
             cgroups.remove(self._cgroup)
             self._cgroup = None
 
-    def is_alive(self) -> bool:
-        return self.container is not None and self.container.is_running()
-
     # ----- plumbing ----------------------------------------------------------------------------------
 
     def _start_pumps(self) -> None:

@@ -18,7 +18,6 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -393,6 +392,3 @@ class SnapshotStore:
         copy = containers.Container(pid, pipes.channels, snapshot.manifest["channels"], restored_from=snapshot.id)
         copy.timings = {"check_ms": (checked - started) * 1000, "criu_restore_ms": (restored - checked) * 1000}
         return copy
-
-    def __iter__(self) -> Iterator[Snapshot]:
-        return iter(self.list())
