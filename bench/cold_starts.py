@@ -45,11 +45,11 @@ from typing import Any
 import numpy as np
 from harness import app_log, console, deploy_app, ensure_model_volume, load, snapshot_records, stop_app
 
-import warmboot
 from warmboot import config
 from warmboot.errors import NotFoundError
 from warmboot.sdk import client
 from warmboot.sdk.app import App
+from warmboot.worker import runtime_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS_DIR = ROOT / "bench" / "workloads"
@@ -165,16 +165,14 @@ def stop_quietly(name: str) -> None:
 
 
 def fresh_server() -> dict[str, Any]:
-    """The server's ping, after restarting it if it started before the newest change to warmboot's code.
+    """The server's ping, after restarting it if it runs other warmboot code than the code on disk.
 
     A server left running from before an edit would run the old code (and log the old lines): numbers from it
     would not describe this tree.
     """
     client.ensure_server()
     ping = client.request("ping")
-    package = Path(warmboot.__file__).parent
-    newest = max(p.stat().st_mtime for p in package.rglob("*.py"))
-    if ping["started_at"] >= newest:
+    if ping["code"] == runtime_lib.code_digest():
         return ping
     console.print(f"The warmboot server (pid {ping['pid']}) predates the code on disk: restarting it")
     with contextlib.suppress(Exception):

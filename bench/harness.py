@@ -55,11 +55,6 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def p95(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
-
-
 def app_log(app_name: str) -> list[str]:
     return [e["line"] for e in client.stream("logs", app=app_name) if "line" in e]
 

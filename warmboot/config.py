@@ -34,6 +34,6 @@ def server_socket() -> Path:
     return home() / "server.sock"
 
 
-def volume_dir(name: str) -> Path:
+def volume_dir(name: str, home_dir: Path | None = None) -> Path:
     """Where the volume ``name`` keeps its files on this machine (``$WARMBOOT_HOME/volumes/NAME``)."""
-    return home() / "volumes" / name
+    return (home_dir or home()) / "volumes" / name

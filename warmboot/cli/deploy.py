@@ -10,7 +10,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from warmboot.cli import appfile
-from warmboot.errors import WarmbootError
 from warmboot.sdk import client
 from warmboot.sdk.app import App
 
@@ -44,12 +43,8 @@ def deploy(
 
         python -c "import warmboot; print(warmboot.Function.from_name('hello', 'square').remote(7))"
     """
-    try:
-        path, _, app = appfile.load(file)
-        result = push(path, app, name=name or app.name or path.stem, ephemeral=False)
-    except WarmbootError as exc:
-        console.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+    path, _, app = appfile.load(file)
+    result = push(path, app, name=name or app.name or path.stem, ephemeral=False)
     console.print(
         f"[green]Deployed[/green] app [bold]{result['name']}[/bold] version {result['version']}: "
         + ", ".join(result["functions"])

@@ -6,12 +6,16 @@ example), and add one line to :data:`COMMANDS` below.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
 from warmboot.cli import deploy, doctor, manage, run, snapshots
+from warmboot.errors import WarmbootError
 
 HELP = """\
 [bold]warmboot[/bold] runs serverless Python functions on your own machines, with cold starts in
@@ -63,5 +67,14 @@ for _name, _group in GROUPS:
     app.add_typer(_group, name=_name)
 
 
+def main() -> None:
+    """The console script: a warmboot error from any command ends here, as one line and exit status 1."""
+    try:
+        app()
+    except WarmbootError as exc:
+        Console(stderr=True).print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -10,20 +10,14 @@ import time
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from warmboot import config
 from warmboot.errors import WarmbootError
 from warmboot.sdk import client
+from warmboot.worker import runtime_lib
 
 console = Console()
-err = Console(stderr=True)
-
-
-def fail(exc: WarmbootError) -> typer.Exit:
-    err.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
-    return typer.Exit(1)
 
 
 def timestamp(ts: float | None) -> str:
@@ -43,10 +37,7 @@ def app_list() -> None:
 
         warmboot app list
     """
-    try:
-        rows = client.request("app_list")
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    rows = client.request("app_list")
     table = Table("name", "app id", "state", "version", "functions", "containers", "created")
     for r in rows:
         table.add_row(
@@ -69,10 +60,7 @@ def app_stop(name: str = typer.Argument(..., help="The app's name (or id).")) ->
 
         warmboot app stop hello
     """
-    try:
-        stopped = client.request("app_stop", app=name)
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    stopped = client.request("app_stop", app=name)
     console.print(f"Stopped app [bold]{stopped}[/bold]")
 
 
@@ -87,10 +75,7 @@ def container_list() -> None:
 
         warmboot container list
     """
-    try:
-        rows = client.request("container_list")
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    rows = client.request("container_list")
     table = Table("container", "app", "function", "pid", "calls", "started")
     for r in rows:
         table.add_row(r["id"], r["app"], r["function"], str(r["pid"]), str(r["calls"]), timestamp(r["started_at"]))
@@ -107,14 +92,10 @@ def logs(
 
         warmboot logs hello --follow
     """
-    try:
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --follow
         for event in client.stream("logs", app=app, follow=follow):
             if "line" in event:
                 console.print(event["line"], highlight=False, markup=False, soft_wrap=True)
-    except WarmbootError as exc:
-        raise fail(exc) from None
-    except KeyboardInterrupt:
-        pass
 
 
 # ----- secrets ---------------------------------------------------------------------------------------
@@ -137,13 +118,9 @@ def secret_create(
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            err.print(f"[red]Error:[/red] {pair!r} is not KEY=VALUE")
-            raise typer.Exit(2)
+            raise typer.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="PAIRS")
         values[key] = value
-    try:
-        client.request("secret_create", name=name, values=values)
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    client.request("secret_create", name=name, values=values)
     console.print(f"Created secret [bold]{name}[/bold] with keys {', '.join(sorted(values))}")
 
 
@@ -155,10 +132,7 @@ def secret_list() -> None:
 
         warmboot secret list
     """
-    try:
-        rows = client.request("secret_list")
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    rows = client.request("secret_list")
     table = Table("name", "keys", "updated")
     for r in rows:
         table.add_row(r["name"], ", ".join(r["keys"]), timestamp(r["updated_at"]))
@@ -190,18 +164,12 @@ def server_start(
         warmboot server start --background
     """
     if background:
-        try:
-            client.ensure_server()
-        except WarmbootError as exc:
-            raise fail(exc) from None
+        client.ensure_server()
         console.print(f"Server running (socket {config.server_socket()})")
         return
     from warmboot.server.daemon import run_forever
 
-    try:
-        run_forever()
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    run_forever()
 
 
 @server.command("status")
@@ -223,6 +191,11 @@ def server_status() -> None:
         f"Server running: pid {info['pid']}, version {info['version']}, home {info['home']}, "
         f"{info['apps']} app(s), up since {timestamp(info['started_at'])}"
     )
+    if info["code"] != runtime_lib.code_digest():
+        console.print(
+            "[yellow]The server runs older warmboot code than is installed now:[/yellow] restart it "
+            "(`warmboot server stop`; the next command starts it again)"
+        )
 
 
 @server.command("stop")
@@ -275,17 +248,14 @@ def volume_put(
 
     from warmboot.sdk.volume import Volume
 
-    try:
-        Volume.from_name(name)
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    Volume.from_name(name)
     src = Path(local_path)
     if not src.exists():
-        raise fail(WarmbootError(f"no such file or directory: {local_path}"))
+        raise WarmbootError(f"no such file or directory: {local_path}")
     root = config.volume_dir(name)
     dest = (root / remote_path.lstrip("/")).resolve()
     if not dest.is_relative_to(root.resolve()):
-        raise fail(WarmbootError(f"{remote_path} leaves the volume"))
+        raise WarmbootError(f"{remote_path} leaves the volume")
     if src.is_dir():
         shutil.copytree(src, dest if remote_path not in ("", "/") else root / src.name, dirs_exist_ok=True)
     else:

@@ -43,39 +43,31 @@ def run(
         warmboot run examples/hello.py::square    # calls square.remote() with no arguments
     """
     file, _, entry = target.partition("::")
-    try:
-        path, _, app = appfile.load(file)
-        if entry:
-            if entry in app.local_entrypoints:
-                fn = app.local_entrypoints[entry]
-            elif isinstance(app.registered.get(entry), Function):
-                fn = app.registered[entry].remote  # type: ignore[union-attr]
-            else:
-                names = [*app.local_entrypoints, *app.registered]
-                raise WarmbootError(f"{file} has no entrypoint or function {entry!r} (it has: {', '.join(names)})")
-        elif len(app.local_entrypoints) == 1:
-            fn = next(iter(app.local_entrypoints.values()))
-        elif app.local_entrypoints:
-            raise WarmbootError(f"{file} has several local entrypoints; pick one: {file}::NAME")
+    path, _, app = appfile.load(file)
+    if entry:
+        if entry in app.local_entrypoints:
+            fn = app.local_entrypoints[entry]
+        elif isinstance(app.registered.get(entry), Function):
+            fn = app.registered[entry].remote  # type: ignore[union-attr]
         else:
-            raise WarmbootError(f"{file} has no @app.local_entrypoint(); name a function to call: {file}::NAME")
-        result = push(path, app, name=app.name or path.stem, ephemeral=True)
-    except WarmbootError as exc:
-        console.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
-        raise typer.Exit(1) from None
+            names = [*app.local_entrypoints, *app.registered]
+            raise WarmbootError(f"{file} has no entrypoint or function {entry!r} (it has: {', '.join(names)})")
+    elif len(app.local_entrypoints) == 1:
+        fn = next(iter(app.local_entrypoints.values()))
+    elif app.local_entrypoints:
+        raise WarmbootError(f"{file} has several local entrypoints; pick one: {file}::NAME")
+    else:
+        raise WarmbootError(f"{file} has no @app.local_entrypoint(); name a function to call: {file}::NAME")
+    result = push(path, app, name=app.name or path.stem, ephemeral=True)
 
     app._app_id = result["app_id"]
     stop = threading.Event()
     streamer = threading.Thread(target=_stream_logs, args=(result["app_id"], stop), daemon=True)
     streamer.start()
-    code = 0
     try:
         value = fn()
         if value is not None:
             print(value)
-    except WarmbootError as exc:
-        console.print(f"[red]Error:[/red] {escape(str(exc))}", highlight=False)
-        code = 1
     finally:
         try:
             client.request("app_stop", app=result["app_id"])
@@ -83,5 +75,3 @@ def run(
             console.print(f"[yellow]Warning:[/yellow] could not stop the app: {escape(str(exc))}")
         time.sleep(0.3)  # the containers are stopped and their output written: let the last lines through
         stop.set()
-    if code:
-        raise typer.Exit(code)

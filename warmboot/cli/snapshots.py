@@ -5,8 +5,7 @@ from __future__ import annotations
 import typer
 from rich.table import Table
 
-from warmboot.cli.manage import console, fail, timestamp
-from warmboot.errors import WarmbootError
+from warmboot.cli.manage import console, timestamp
 from warmboot.sdk import client
 
 snapshots = typer.Typer(help="Memory snapshots of deployed functions.", no_args_is_help=True)
@@ -20,10 +19,7 @@ def snapshot_list() -> None:
 
         warmboot snapshot list
     """
-    try:
-        rows = client.request("snapshot_list")
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    rows = client.request("snapshot_list")
     table = Table("function", "key", "state", "size", "created", "made in", "restores", "last restore", "note")
     for r in rows:
         table.add_row(
@@ -48,8 +44,5 @@ def snapshot_rm(key: str = typer.Argument(..., help="The snapshot's key (or a un
 
         warmboot snapshot rm 3f2a9c1e
     """
-    try:
-        record = client.request("snapshot_rm", key=key)
-    except WarmbootError as exc:
-        raise fail(exc) from None
+    record = client.request("snapshot_rm", key=key)
     console.print(f"Deleted snapshot {record['key'][:12]} of {record['app_name']}.{record['tag']}")

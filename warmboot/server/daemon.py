@@ -155,13 +155,14 @@ class Server:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.started_at = time.time()
+        self.code_digest = runtime_lib.code_digest()  # what this process runs, whatever the disk says later
         self.state.stop_ephemeral()
         for record in self.state.running_apps():
             app = self.apps[record.app_id] = RunningApp(self, record)
             threading.Thread(target=app.start_min_containers, daemon=True).start()
 
     def volume_dir(self, name: str) -> Path:
-        return self.home / "volumes" / name  # the layout config.volume_dir() describes
+        return config.volume_dir(name, self.home)
 
     # ----- resolving targets -----------------------------------------------------------------------
 
@@ -182,6 +183,7 @@ class Server:
         return {
             "pid": os.getpid(),
             "version": warmboot.__version__,
+            "code": self.code_digest,
             "home": str(self.home),
             "started_at": self.started_at,
             "apps": len(self.apps),

@@ -38,8 +38,17 @@ def ensure(home: Path) -> Path:
         return _ensure(home)
 
 
+def _sources() -> list[Path]:
+    return [Path(warmboot.__file__).parent, Path(cloudpickle.__file__).parent]
+
+
+def code_digest() -> str:
+    """The digest of the warmboot (and cloudpickle) code on disk now: a running server compares its own."""
+    return _tree_digest(_sources())
+
+
 def _ensure(home: Path) -> Path:
-    sources = [Path(warmboot.__file__).parent, Path(cloudpickle.__file__).parent]
+    sources = _sources()
     target = home / "runtime" / _tree_digest(sources)
     if target.is_dir():
         return target
