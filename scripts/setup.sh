@@ -19,6 +19,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 bash scripts/install-criu.sh
+bash scripts/build-init.sh  # the static PID 1 of function containers (warmboot/worker/sandbox/init.c)
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
