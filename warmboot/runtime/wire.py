@@ -1,16 +1,20 @@
 """The framing of messages on a container's control pipes (fd 3 in, fd 4 out), shared by both ends.
 
-A frame is a 4-byte big-endian length and a pickled dict. Payloads that hold user objects (arguments,
-results, exceptions) travel as cloudpickle bytes inside the dict, so the framing itself needs only pickle.
+A frame is an 8-byte header (two big-endian lengths), a JSON object, then the raw bytes of its binary
+fields. JSON and not pickle: the worker reads what a container writes, and unpickling bytes that came from
+a container would run its code in the worker. User objects (arguments, results, exceptions) travel as
+opaque cloudpickle bytes that only the container or the calling process unpickles.
 """
 
 from __future__ import annotations
 
-import pickle
+import json
 import struct
 from typing import Any, BinaryIO
 
-_HEADER = struct.Struct(">I")
+_HEADER = struct.Struct(">II")
+#: The largest JSON part accepted (binary payloads have their own bound): a frame claiming more is malformed.
+MAX_JSON = 16 << 20
 
 # Message types: runtime -> worker
 SNAPSHOT_POINT = "snapshot_point"  # imported, @enter(snap=True) done, no input taken yet: safe to checkpoint
@@ -27,9 +31,25 @@ class ChannelClosed(EOFError):
     """The other end closed the pipe (the container or the worker is gone)."""
 
 
+class ProtocolError(ValueError):
+    """The other end wrote something that is not a well-formed message."""
+
+
 def send(stream: BinaryIO, message: dict[str, Any]) -> None:
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(body)) + body)
+    header: dict[str, Any] = {}
+    blobs: list[bytes] = []
+    binary: dict[str, int] = {}
+    for key, value in message.items():
+        if isinstance(value, bytes | bytearray | memoryview):
+            binary[key] = len(value)
+            blobs.append(bytes(value))
+        else:
+            header[key] = value
+    if binary:
+        header["_binary"] = binary  # field name -> length, in the order the bytes follow
+    body = json.dumps(header, separators=(",", ":")).encode()
+    payload = b"".join(blobs)
+    stream.write(_HEADER.pack(len(body), len(payload)) + body + payload)
     stream.flush()
 
 
@@ -45,5 +65,24 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
 
 
 def recv(stream: BinaryIO) -> dict[str, Any]:
-    (length,) = _HEADER.unpack(_read_exact(stream, _HEADER.size))
-    return pickle.loads(_read_exact(stream, length))
+    """The next message; :class:`ChannelClosed` at EOF, :class:`ProtocolError` for anything malformed."""
+    json_len, blob_len = _HEADER.unpack(_read_exact(stream, _HEADER.size))
+    if json_len > MAX_JSON:
+        raise ProtocolError(f"message header of {json_len} bytes exceeds {MAX_JSON}")
+    try:
+        message = json.loads(_read_exact(stream, json_len))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(f"message is not JSON: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        raise ProtocolError("message is not an object with a 'type'")
+    payload = _read_exact(stream, blob_len)
+    binary = message.pop("_binary", {})
+    if not isinstance(binary, dict) or sum(v for v in binary.values() if isinstance(v, int)) != blob_len:
+        raise ProtocolError("message's binary fields do not add up to its payload")
+    offset = 0
+    for key, length in binary.items():
+        if not isinstance(length, int) or length < 0:
+            raise ProtocolError(f"binary field {key!r} has no valid length")
+        message[key] = payload[offset : offset + length]
+        offset += length
+    return message

@@ -19,6 +19,7 @@ DEFAULTS: dict[str, Any] = {
     "memory": None,
     "cpu": None,
     "gpu": None,
+    "block_network": False,
     "enable_memory_snapshot": False,
     "experimental_options": {},
 }
@@ -48,6 +49,10 @@ def check(decorator: str, given: dict[str, Any]) -> dict[str, Any]:
         )
     if opts["memory"] is not None and (not isinstance(opts["memory"], int) or opts["memory"] <= 0):
         raise InvalidOptionError(f"{decorator}: memory= is a number of MiB, got {opts['memory']!r}")
+    if opts["cpu"] is not None and (not isinstance(opts["cpu"], int | float) or not 0 < opts["cpu"] <= 1024):
+        raise InvalidOptionError(f"{decorator}: cpu= is a number of cores (e.g. 0.5 or 2), got {opts['cpu']!r}")
+    if not isinstance(opts["block_network"], bool):
+        raise InvalidOptionError(f"{decorator}: block_network= must be True or False, got {opts['block_network']!r}")
     if not isinstance(opts["volumes"], dict) or not all(str(p).startswith("/") for p in opts["volumes"]):
         raise InvalidOptionError(f"{decorator}: volumes= maps absolute paths to Volumes, got {opts['volumes']!r}")
     if not isinstance(opts["env"], dict):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import faulthandler
 import hashlib
+import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -22,18 +25,20 @@ from warmboot.errors import (
     ServerError,
     WarmbootError,
 )
+from warmboot.server.images import ResolvedImage, resolve_image
 from warmboot.server.logs import LogBook
 from warmboot.server.pool import Call, FunctionPool, PoolSettings, SnapshotPlan
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.state import AppRecord, State
-from warmboot.worker import gpus, images, runtime_lib
+from warmboot.worker import cgroups, gpus, runtime_lib
 from warmboot.worker.container import BindMount
 from warmboot.worker.runner import LaunchPlan
+from warmboot.worker.sandbox import rootfs
 from warmboot.worker.snapshot import SnapshotStore
 
 log = logging.getLogger("warmboot.server")
 
-APP_MOUNT = "/app"  # where the app's code appears in its containers
+APP_DIR = "/root"  # where the app's file appears in its containers (Modal's place for it too)
 _FINISHED_CALL_TTL = 3600.0
 
 
@@ -73,27 +78,35 @@ class RunningApp:
         label = f"{self.record.name}.{tag}"
         home = self.server.home
 
+        resolved = ResolvedImage.from_json(fspec["resolved_image"])
+        plan = LaunchPlan(
+            python=resolved.image.python,
+            app_file=f"{APP_DIR}/{self.record.app_file}",
+            tag=tag,
+            env={**resolved.image.env, **self._secret_env(fspec), **opts["env"]},
+            layers=(
+                *resolved.image.layers,
+                *resolved.local_layers,
+                Path(self.record.code_dir),
+                runtime_lib.ensure(home),
+            ),
+            containers_dir=home / "containers",
+            workdir=resolved.image.workdir,
+            mounts=[
+                BindMount(str(self.server.volume_dir(vol["name"])), path) for path, vol in fspec["volumes"].items()
+            ],
+            limits=cgroups.Limits.for_function(opts["memory"], opts["cpu"]),
+            network=not opts.get("block_network", False),
+            label=label,
+            gpus=gpus.inventory() if opts["gpu"] else None,
+            gpus_after_snapshot=bool(
+                opts["enable_memory_snapshot"] and not opts["experimental_options"].get("enable_gpu_snapshot")
+            ),
+        )
+
         def make_plan() -> LaunchPlan:
-            image = images.build_image(fspec["image"], root=home / "images")
-            mounts = [BindMount(self.record.code_dir, APP_MOUNT, read_only=True)]
-            for path, vol in fspec["volumes"].items():
-                mounts.append(BindMount(str(self.server.volume_dir(vol["name"])), path))
-            mounts.extend(image.mounts)
-            env = {**image.env, **self._secret_env(fspec), **opts["env"]}
-            return LaunchPlan(
-                python=image.python,
-                app_file=f"{APP_MOUNT}/{self.record.app_file}",
-                tag=tag,
-                env=env,
-                mounts=mounts,
-                memory_mib=opts["memory"],
-                label=label,
-                runtime_path=":".join([str(runtime_lib.ensure(home)), *image.pythonpath]),
-                gpus=gpus.inventory() if opts["gpu"] else None,
-                gpus_after_snapshot=bool(
-                    opts["enable_memory_snapshot"] and not opts["experimental_options"].get("enable_gpu_snapshot")
-                ),
-            )
+            # Secrets are read at each start: a changed secret reaches new containers without a redeploy.
+            return dataclasses.replace(plan, env={**resolved.image.env, **self._secret_env(fspec), **opts["env"]})
 
         def start_env() -> dict[str, str]:
             return {**self._secret_env(fspec), **opts["env"]}
@@ -157,6 +170,7 @@ class Server:
         self.started_at = time.time()
         self.code_digest = runtime_lib.code_digest()  # what this process runs, whatever the disk says later
         self.state.stop_ephemeral()
+        rootfs.remove_stale(self.home / "containers", alive=set())  # left by a server that died
         for record in self.state.running_apps():
             app = self.apps[record.app_id] = RunningApp(self, record)
             threading.Thread(target=app.start_min_containers, daemon=True).start()
@@ -216,20 +230,26 @@ class Server:
             for secret in fspec["secrets"]:
                 if secret.get("name"):
                     self.state.get_secret(secret["name"])
-        built: dict[str, str] = {}
+        built: dict[str, ResolvedImage] = {}
         for tag, fspec in functions.items():
-            key = repr(sorted(fspec["image"].items()))
+            key = json.dumps(fspec["image"], sort_keys=True)
             if key not in built:
-                emit({"log": f"Building image for {name}.{tag} (python {fspec['image']['python_version']})"})
-                image = images.build_image(
-                    fspec["image"], root=self.home / "images", progress=lambda line: emit({"log": line})
-                )
-                built[key] = image.digest
-            fspec["image_digest"] = built[key]
+                emit({"log": f"Building image for {name}.{tag}"})
+                built[key] = resolve_image(fspec["image"], self.home, progress=lambda line: emit({"log": line}))
+            # The image is pinned here, by digest and layer paths: container starts never build or hash.
+            fspec["image_digest"] = built[key].image.digest
+            fspec["resolved_image"] = built[key].to_json()
         source: bytes = msg["source"]
         code_dir = self.home / "code" / hashlib.sha256(source + msg["filename"].encode()).hexdigest()[:16]
-        code_dir.mkdir(parents=True, exist_ok=True)
-        (code_dir / msg["filename"]).write_bytes(source)
+        if not code_dir.is_dir():  # a layer holding the app file at APP_DIR, as Modal puts it under /root
+            tmp = code_dir.with_name(code_dir.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / APP_DIR.lstrip("/")).mkdir(parents=True)
+            (tmp / APP_DIR.lstrip("/") / msg["filename"]).write_bytes(source)
+            os.chmod(tmp / APP_DIR.lstrip("/"), 0o700)
+            with contextlib.suppress(OSError):  # another deploy of the same code made it first
+                os.rename(tmp, code_dir)
+            shutil.rmtree(tmp, ignore_errors=True)
         ephemeral = bool(msg.get("ephemeral"))
         previous = None
         if not ephemeral:

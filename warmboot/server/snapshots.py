@@ -23,6 +23,7 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from warmboot.errors import SnapshotError, SnapshotNotFoundError
@@ -65,7 +66,8 @@ def snapshot_key(app_name: str, tag: str, fspec: dict[str, Any], code_digest: st
         "env": opts.get("env", {}),
         "secrets": sorted(s.get("name") or ",".join(sorted(s.get("values") or {})) for s in fspec["secrets"]),
         "volumes": sorted(fspec["volumes"]),
-        "resources": {k: opts.get(k) for k in ("gpu", "cpu", "memory")},
+        "local_files": [Path(p).name for p in fspec.get("resolved_image", {}).get("local_layers", [])],
+        "resources": {k: opts.get(k) for k in ("gpu", "cpu", "memory", "block_network")},
         "experimental": opts.get("experimental_options", {}),
         "worker": {"cpu": fp.cpu, "kernel": fp.kernel, "criu": fp.criu_version},
     }

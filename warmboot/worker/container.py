@@ -1,12 +1,24 @@
-"""Containers: a process tree started from a command in its own PID and mount namespaces.
+"""Containers: a process tree in its own namespaces, on its own root filesystem, with least privilege.
 
 A container talks to its owner over four pipes (:class:`Channels`) whose other ends the owner holds:
 control in (fd 3 inside the container), control out (fd 4), stdout and stderr. Its stdin is /dev/null.
 
-Isolation uses kernel namespaces directly (util-linux ``unshare``) rather than an OCI runtime: measured here,
-``runc restore`` adds about 100 ms to every restore compared with a raw CRIU restore of the same process
-(docs/snapshot-engine.md). The init of the new PID namespace leads its own session, so CRIU can dump the
-whole tree and restore any number of copies concurrently, each in a fresh PID namespace.
+What a container is (docs/security.md has the threat model, docs/sandbox-choice.md the measurements):
+
+- its own PID, mount, network, IPC and UTS namespaces (util-linux ``unshare``);
+- an overlayfs root: the image's layers read-only, a writable layer of its own (``run_dir/upper``) that is
+  discarded when it ends; then ``pivot_root``, so nothing of the host's mount tree is left in it;
+- a /proc of its own PID namespace with the kernel's global knobs read-only, a read-only /sys, a /dev with
+  the standard nodes only (they come from the runtime layer), private tmpfs /tmp and /dev/shm, and the
+  volumes: the only host directories bind-mounted in;
+- cgroups (memory, CPU quota, pids) joined before any of its code runs;
+- as PID 1, warmboot's static init (``sandbox/init.c``), which sets ``no_new_privs``, drops capabilities to
+  :data:`warmboot.worker.sandbox.capabilities.ALLOWED`, loads the seccomp filter, and runs the command as its
+  child (reaping orphans, exiting with the command's status).
+
+The launcher is a bash script run by ``unshare`` rather than an OCI runtime: CRIU is driven by the worker
+directly, with fresh pipes per restore (``--inherit-fd``), which runc's restore does not offer for extra fds,
+and every fixed cost here is paid again on every restore (measured in docs/sandbox-choice.md).
 """
 
 from __future__ import annotations
@@ -23,9 +35,11 @@ import subprocess
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import BinaryIO
 
 from warmboot.errors import ContainerError
+from warmboot.worker.sandbox import rootfs
 
 #: File descriptor numbers of the control pipes inside every container.
 CONTROL_IN_FD = 3
@@ -33,10 +47,15 @@ CONTROL_OUT_FD = 4
 
 _PR_SET_CHILD_SUBREAPER = 36
 
+#: /proc entries that reach beyond the container (kernel settings, the sysrq trigger, IRQ and bus knobs):
+#: root in the container could otherwise rewrite e.g. kernel.core_pattern and run code as root on the host.
+#: Bound read-only over themselves, as Docker does.
+READ_ONLY_PROC = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+
 
 @dataclass(frozen=True)
 class BindMount:
-    """A host directory visible at ``target`` inside the container (volumes, the app's code)."""
+    """A host directory visible at ``target`` inside the container (volumes)."""
 
     source: str
     target: str
@@ -44,18 +63,29 @@ class BindMount:
 
 
 @dataclass(frozen=True)
+class Sandbox:
+    """How the container's init confines it: the paths are inside the container (the runtime layer)."""
+
+    init: str = rootfs.INIT_PATH
+    seccomp: str = rootfs.SECCOMP_PATH
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ContainerSpec:
     """What to start: the command, its environment and working directory, and what the container sees."""
 
     argv: Sequence[str]
+    layers: Sequence[Path]  #: overlayfs lower layers, bottom first (the runtime layer among them)
+    run_dir: Path  #: the container's own directory on the host: its writable layer; removed when it ends
     env: Mapping[str, str] | None = None
     cwd: str = "/"
-    mounts: Sequence[BindMount] = ()
-    private_tmp: bool = True
-    #: A private /dev (a tmpfs with the usual character devices) holding only these extra device nodes.
-    private_dev: bool = False
+    mounts: Sequence[BindMount] = ()  #: volumes
+    hostname: str = "warmboot"
+    #: Device nodes (host paths) created in the container's /dev at launch (a GPU memory snapshot's GPUs).
     devices: Sequence[str] = ()
-    cgroup: str | None = None  #: a cgroup directory the container's init joins before it execs the command
+    cgroups: Sequence[Path] = ()  #: cgroup directories the container joins before its command runs
+    sandbox: Sandbox = field(default_factory=Sandbox)
 
 
 @dataclass
@@ -120,11 +150,17 @@ class Container:
         *,
         launcher: subprocess.Popen[bytes] | None = None,
         restored_from: str | None = None,
+        run_dir: Path | None = None,
+        layers: Sequence[Path] = (),
+        mounts: Sequence[BindMount] = (),
     ):
         self.pid = pid
         self.channels = channels
         self.pipe_ids = dict(pipe_ids)
         self.restored_from = restored_from
+        self.run_dir = run_dir  #: its writable layer and mount point on the host (see sandbox.rootfs)
+        self.layers = tuple(layers)  #: its image's layers, bottom first
+        self.mounts = tuple(mounts)  #: its volumes
         self._launcher = launcher
         self._returncode: int | None = None
         self.timings: dict[str, float] = {}  #: where a restore's time went (set by the snapshot store)
@@ -191,6 +227,8 @@ class Container:
                 os.kill(self.pid, signal.SIGKILL)
         code = self.wait(timeout)
         self.channels.close()
+        if self.run_dir is not None:
+            rootfs.remove(self.run_dir)
         return code
 
 
@@ -212,80 +250,69 @@ def _high_fd(fd: int) -> int:
     return moved
 
 
-_STANDARD_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
-
-
-def _private_dev_steps(devices: Sequence[str]) -> list[str]:
-    """Shell steps that give the container its own /dev with the standard nodes plus ``devices``."""
-    from warmboot.worker.gpus import node_commands
-
-    steps = ["mount -t tmpfs -o mode=755,nosuid tmpfs /dev"]
-    for name, (major, minor) in _STANDARD_DEVICES.items():
-        steps.append(f"mknod /dev/{name} c {major} {minor} && chmod 666 /dev/{name}")
-    steps += [
-        "mkdir /dev/shm /dev/pts",
-        "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm",
-        "ln -s /proc/self/fd /dev/fd",
-        "ln -s /proc/self/fd/0 /dev/stdin",
-        "ln -s /proc/self/fd/1 /dev/stdout",
-        "ln -s /proc/self/fd/2 /dev/stderr",
-    ]
-    steps += node_commands(tuple(devices))
-    if not devices:
-        # GPUs withheld until after the snapshot point: a read-only /dev also stops the CUDA driver, which
-        # creates missing /dev/nvidia* nodes itself when it initialises as root.
-        steps.append("mount -o remount,ro /dev")
-    return steps
-
-
 def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
-    """The bash script run as the namespace's init: it sets up mounts and descriptors, then becomes its init.
+    """The bash script run as the new PID namespace's first process: mounts, pivot_root, then the init.
 
-    bash rather than sh because the fd numbers to remap may have two digits.
+    bash rather than sh because the fd numbers to remap may have two digits. Each step that runs a program
+    costs about 2 ms of every cold start (restores do not run this script): keep them few.
     """
-    # A /proc of the container's own PID namespace: it sees its processes only (as a restored copy would).
-    # unshare has made the mount tree private and mounted this PID namespace's own /proc (--mount-proc).
-    # Each step that runs a program costs about 2 ms of every cold start: keep them few.
+    root = shlex.quote(str(spec.run_dir / rootfs.ROOT))
     steps = ["set -e"]
-    if spec.cgroup:
-        steps.append(f"echo 0 > {shlex.quote(spec.cgroup + '/cgroup.procs')}")
-    # Every mount in the namespace is one more for CRIU to recreate at each restore (tmpfs ones through tar):
-    # drop the host's cgroup tree (the container joined its cgroup already) and its /dev/shm (which may be
-    # stacked twice, hence twice), in one umount.
-    if spec.private_dev:
-        steps.append("umount -R /sys/fs/cgroup /dev 2>/dev/null || true")
-        steps.extend(_private_dev_steps(spec.devices))
-    else:
-        steps.append("umount -R /sys/fs/cgroup /dev/shm /dev/shm 2>/dev/null || true")
-        steps.append("mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /dev/shm")
-    for m in spec.mounts:  # before /tmp is covered: sources may live under the host's /tmp
-        src, dst = shlex.quote(m.source), shlex.quote(m.target)
-        steps.append(f"mkdir -p {dst} && mount --bind {src} {dst}")
-        if m.read_only:
-            steps.append(f"mount -o remount,bind,ro {dst}")
-    if spec.private_tmp:
-        steps.append("mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs /tmp")
-    steps.append(f"cd {shlex.quote(spec.cwd)}")
+    for group in spec.cgroups:
+        steps.append(f"echo 0 > {shlex.quote(str(group / 'cgroup.procs'))}")
+    steps.append(f"mount -t overlay overlay -o {shlex.quote(rootfs.overlay_options(spec.layers, spec.run_dir))} {root}")
+    steps.append(f"cd {root}")
+    for m in spec.mounts:  # mount points were made in the writable layer by rootfs.prepare
+        dst = shlex.quote("." + m.target)
+        steps.append(f"mount -o {'bind,ro' if m.read_only else 'bind'} {shlex.quote(m.source)} {dst}")
+    steps += [
+        "mount -t proc -o nosuid,nodev,noexec proc proc",
+        "mount -t sysfs -o ro,nosuid,nodev,noexec sysfs sys",
+        "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs tmp",
+        "mount -t tmpfs -o mode=1777,nosuid,nodev tmpfs dev/shm",
+        f"echo {shlex.quote(spec.hostname)} > proc/sys/kernel/hostname",
+        "ip link set lo up",
+    ]
+    steps += _device_steps(spec.devices)
+    # Absolute paths: mount(8) fails to resolve a relative path to a file under /proc.
+    # Kernels built without some of them (no sysrq here) simply lack the entry.
+    steps += [f"[ ! -e {root}/proc/{p} ] || mount -o bind,ro {root}/proc/{p} {root}/proc/{p}" for p in READ_ONLY_PROC]
+    # Swap roots and drop the host's mount tree: after this the container can name nothing of the host.
+    steps += ["pivot_root . .", "umount -l .", f"cd {shlex.quote(spec.cwd)}"]
     ci, co = fds["control_in"], fds["control_out"]
-    # stdin is opened here, inside the namespace: a /dev/null opened on the host sits on a mount
-    # the container cannot reach, which CRIU refuses to dump.
+    # stdin is opened here, inside the container: CRIU can only dump files on mounts the container sees.
     steps.append(f"exec </dev/null {CONTROL_IN_FD}<&{ci} {CONTROL_OUT_FD}>&{co} {ci}<&- {co}>&-")
-    # The namespace's init is a bash that leads its own session and waits for the command: the command must
-    # not be PID 1 itself, which the kernel shields from signals sent inside the namespace (a function could
-    # not even SIGKILL itself) and which would inherit every orphan to reap. bash reaps them, and exits with
-    # the command's status (128+N when a signal N killed it). `; exit $?` keeps bash from exec'ing the command.
-    steps.append('exec setsid /bin/bash -c \'"$@"; exit $?\' warmboot-init "$@"')
+    # The launcher ran the host's mount, ip and pivot_root; the init looks the command up on the image's PATH.
+    path = (spec.env or {}).get("PATH", rootfs.DEFAULT_PATH)
+    steps.append(f"export PATH={shlex.quote(path)}")
+    caps = ",".join(spec.sandbox.capabilities) or "none"
+    init = [spec.sandbox.init, "--seccomp", spec.sandbox.seccomp, "--caps", caps, "--"]
+    steps.append("exec " + " ".join(shlex.quote(a) for a in init) + ' "$@"')
     return "\n".join(steps)
+
+
+def _device_steps(devices: Sequence[str]) -> list[str]:
+    """Steps that create these host device nodes (same type and numbers) in the container's /dev."""
+    steps = []
+    for node in devices:
+        st = os.stat(node)
+        kind = "c" if (st.st_mode & 0o170000) == 0o020000 else "b"
+        name = shlex.quote("dev/" + os.path.basename(node))
+        steps.append(f"mknod -m 666 {name} {kind} {os.major(st.st_rdev)} {os.minor(st.st_rdev)}")
+    return steps
 
 
 def start(spec: ContainerSpec, *, ready_timeout: float = 5.0) -> Container:
     """Start ``spec`` as a new container and return it (the command is running, its output is on the pipes)."""
+    rootfs.prepare(spec.run_dir, [m.target for m in spec.mounts], spec.layers)
     pipes = _PipeSet.create()
     fds = {role: _high_fd(fd) for role, fd in pipes.container_fds.items()}
     pipes.container_fds = fds
     script = _launcher_script(spec, fds)
-    argv = ["unshare", "--pid", "--fork", "--mount-proc", "--", "bash", "-c", script, "warmboot-init", *spec.argv]
-    env = dict(spec.env) if spec.env is not None else dict(os.environ)
+    namespaces = ["--pid", "--fork", "--mount", "--net", "--ipc", "--uts"]
+    argv = ["unshare", *namespaces, "--", "bash", "-c", script, "warmboot-launcher", *spec.argv]
+    env = dict(spec.env) if spec.env is not None else {}
+    # The launcher runs the host's mount, ip and pivot_root, then sets the container's PATH before the init.
     try:
         launcher = subprocess.Popen(
             argv,
@@ -293,17 +320,26 @@ def start(spec: ContainerSpec, *, ready_timeout: float = 5.0) -> Container:
             stdin=subprocess.DEVNULL,
             stdout=fds["stdout"],
             stderr=fds["stderr"],
-            env=env,
+            env={**env, "PATH": rootfs.DEFAULT_PATH},
             close_fds=True,
         )
     except OSError as exc:
         pipes.close_container_ends()
         pipes.channels.close()
+        rootfs.remove(spec.run_dir)
         raise ContainerError(f"cannot start container for {spec.argv[0]!r}: {exc}") from exc
     finally:
         pipes.close_container_ends()
     pid = _wait_for_init(launcher, ready_timeout)
-    return Container(pid, pipes.channels, pipes.pipe_ids, launcher=launcher)
+    return Container(
+        pid,
+        pipes.channels,
+        pipes.pipe_ids,
+        launcher=launcher,
+        run_dir=spec.run_dir,
+        layers=spec.layers,
+        mounts=spec.mounts,
+    )
 
 
 def _wait_for_init(launcher: subprocess.Popen[bytes], timeout: float) -> int:

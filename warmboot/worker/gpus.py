@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
 from dataclasses import dataclass
 
 from warmboot.errors import ContainerError, UnsupportedOptionError
@@ -55,32 +54,22 @@ def inventory() -> GpuInventory:
     return GpuInventory(gpus, control)
 
 
-def node_commands(nodes: tuple[str, ...]) -> list[str]:
-    """Shell commands that create these device nodes in the container's /dev (same type, major and minor)."""
-    commands = []
+def add_to_container(init_pid: int, nodes: tuple[str, ...]) -> None:
+    """Create these device nodes (same type, major and minor) in a running container's /dev.
+
+    Written from the host through ``/proc/PID/root``: the container itself cannot create device nodes
+    (it lacks CAP_MKNOD), so nothing but the worker puts a GPU in front of it.
+    """
+    dev = f"/proc/{init_pid}/root/dev"
     for node in nodes:
         st = os.stat(node)
-        kind = "c" if (st.st_mode & 0o170000) == 0o020000 else "b"
-        name = "/dev/" + os.path.basename(node)
-        # mknod, then chmod: `mknod -m` changes the mode through /proc/self, which nsenter may not see.
-        numbers = f"{kind} {os.major(st.st_rdev)} {os.minor(st.st_rdev)}"
-        commands.append(f"{{ [ -e {name} ] || mknod {name} {numbers}; }} && chmod 666 {name}")
-    return commands
-
-
-def add_to_container(init_pid: int, nodes: tuple[str, ...]) -> None:
-    """Create the device nodes inside a running container's private /dev (after its snapshot point)."""
-    if not nodes:
-        return
-    script = " && ".join(["mount -o remount,rw /dev", *node_commands(nodes)])
-    proc = subprocess.run(
-        ["nsenter", "--target", str(init_pid), "--mount", "--", "/bin/sh", "-c", script],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise ContainerError(f"could not add GPU devices to container {init_pid}: {proc.stderr.strip()}")
+        target = os.path.join(dev, os.path.basename(node))
+        try:
+            if not os.path.exists(target):
+                os.mknod(target, 0o666 | (st.st_mode & 0o170000), st.st_rdev)
+            os.chmod(target, 0o666)
+        except OSError as exc:
+            raise ContainerError(f"could not add GPU device {node} to container {init_pid}: {exc}") from exc
 
 
 def models() -> list[str]:

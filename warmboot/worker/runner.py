@@ -13,7 +13,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from warmboot.errors import (
     WarmbootError,
 )
 from warmboot.runtime import wire
-from warmboot.worker import cgroups, cuda_checkpoint, netinfo
+from warmboot.worker import cgroups, cuda_checkpoint, netinfo, runtime_lib
 from warmboot.worker import container as containers
 from warmboot.worker import gpus as gpu_devices
+from warmboot.worker.sandbox import capabilities, network
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 log = logging.getLogger("warmboot.worker")
@@ -46,20 +47,23 @@ CONTAINER_DEFAULT_ENV = {
 
 @dataclass
 class LaunchPlan:
-    """Everything needed to start one function's container."""
+    """Everything needed to start one function's container, resolved once at deploy (nothing is built here)."""
 
-    python: str  #: the image's interpreter
+    python: str  #: the image's interpreter, inside the container
     app_file: str  #: the app file, as a path inside the container
     tag: str  #: the function or class to serve
     env: Mapping[str, str]
-    mounts: Sequence[containers.BindMount] = ()
-    memory_mib: int | None = None
+    layers: Sequence[Path]  #: the root filesystem's layers, bottom first (image, local files, code, runtime)
+    containers_dir: Path  #: where containers' run directories go (their writable layers)
+    workdir: str = "/root"
+    mounts: Sequence[containers.BindMount] = ()  #: volumes
+    limits: cgroups.Limits = field(default_factory=cgroups.Limits)
+    network: bool = True  #: outbound network after the snapshot point (False: ``block_network=True``)
     boot_timeout: float = 600.0
     label: str = ""  #: "app.function", for logs
     gpus: gpu_devices.GpuInventory | None = None  #: the GPUs a gpu= function gets
     #: CPU memory snapshot of a GPU function: no GPU before the snapshot point, its GPUs after.
     gpus_after_snapshot: bool = False
-    runtime_path: str = ""  #: PYTHONPATH entry holding warmboot's runtime
 
 
 class FunctionContainer:
@@ -74,11 +78,16 @@ class FunctionContainer:
         self.calls_served = 0
         self.restored_from: str | None = None
         self.timings: dict[str, float] = {}  #: milliseconds per phase of this container's start
-        self._cgroup: Path | None = None
+        self._groups: cgroups.Groups | None = None
+        self._network: network.Network | None = None
         self._pumps: list[threading.Thread] = []
 
     def __repr__(self) -> str:
         return f"<FunctionContainer {self.id} {self.plan.label}>"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.plan.containers_dir / self.id
 
     # ----- lifecycle ---------------------------------------------------------------------------------
 
@@ -91,20 +100,22 @@ class FunctionContainer:
             "WARMBOOT_TAG": self.plan.tag,
             "WARMBOOT_IN_CONTAINER": "1",
             "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": ":".join(p for p in (self.plan.runtime_path, self.plan.env.get("PYTHONPATH", "")) if p),
+            "PYTHONPATH": ":".join(p for p in (runtime_lib.LIB_DIR, self.plan.env.get("PYTHONPATH", "")) if p),
         }
         gpus = self.plan.gpus
         if gpus is not None:
             env.update(gpu_devices.HIDDEN_ENV if self.plan.gpus_after_snapshot else gpus.visible_env())
-        if self.plan.memory_mib:
-            self._cgroup = cgroups.create_memory_cgroup(self.id, self.plan.memory_mib)
+        self._groups = cgroups.create(self.id, self.plan.limits)
         spec = containers.ContainerSpec(
             argv=[self.plan.python, "-m", "warmboot.runtime"],
+            layers=self.plan.layers,
+            run_dir=self.run_dir,
             env=env,
+            cwd=self.plan.workdir,
             mounts=self.plan.mounts,
-            cgroup=str(self._cgroup) if self._cgroup else None,
-            private_dev=gpus is not None,
+            cgroups=self._groups.paths,
             devices=gpus.nodes() if gpus is not None and not self.plan.gpus_after_snapshot else (),
+            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
         self.container = containers.start(spec)
         self._start_pumps()
@@ -112,13 +123,12 @@ class FunctionContainer:
 
     def restore(self, store: SnapshotStore, snapshot: Snapshot) -> None:
         """Restore a copy of ``snapshot`` (taken at the snapshot point) instead of booting; then call :meth:`start`."""
-        self.container = store.restore(snapshot)
+        self.container = store.restore(snapshot, self.run_dir)
         self.restored_from = snapshot.id
         self.timings.update(self.container.timings)
-        if self.plan.memory_mib:
-            self._cgroup = cgroups.create_memory_cgroup(self.id, self.plan.memory_mib)
-            for pid in self.container.pids():  # every process: a child does not follow its parent's move
-                (self._cgroup / "cgroup.procs").write_text(str(pid))
+        self._groups = cgroups.create(self.id, self.plan.limits)
+        for pid in self.container.pids():  # every process: a child does not follow its parent's move
+            self._groups.join(pid)
         if snapshot.manifest.get("metadata", {}).get("gpu_snapshot"):
             # A GPU memory snapshot: put the copy's device memory back on the GPU (GpuSnapshotError if not).
             resumed = time.monotonic()
@@ -176,6 +186,9 @@ class FunctionContainer:
         """
         started = time.monotonic()
         env = dict(env)
+        assert self.container is not None
+        if self.plan.network:
+            self._network = network.Network(self.container.pid)
         if self.plan.gpus is not None and self.plan.gpus_after_snapshot:
             assert self.container is not None
             gpu_devices.add_to_container(self.container.pid, self.plan.gpus.nodes())
@@ -200,6 +213,12 @@ class FunctionContainer:
             raise FunctionTimeoutError(
                 f"{self.plan.label} call {call_id} exceeded its timeout of {timeout:g} s; the container was stopped"
             ) from None
+        if reply.get("type") != wire.RESULT or reply.get("call_id") != call_id:
+            self.kill()
+            raise ContainerCrashedError(
+                f"container {self.id} of {self.plan.label} answered call {call_id} with a "
+                f"{reply.get('type')!r} message for call {reply.get('call_id')!r}; it was stopped"
+            )
         self.calls_served += 1
         return reply
 
@@ -219,11 +238,14 @@ class FunctionContainer:
         if self.container is not None:
             with contextlib.suppress(OSError, TimeoutError):
                 self.container.kill()
+        if self._network is not None:
+            self._network.close()
+            self._network = None
         for pump in self._pumps:
             pump.join(timeout=2)
-        if self._cgroup is not None:
-            cgroups.remove(self._cgroup)
-            self._cgroup = None
+        if self._groups is not None:
+            self._groups.remove()
+            self._groups = None
 
     # ----- plumbing ----------------------------------------------------------------------------------
 
@@ -259,6 +281,11 @@ class FunctionContainer:
             return wire.recv(stream)
         except wire.ChannelClosed:
             raise ContainerCrashedError(self._death_note("while running")) from None
+        except wire.ProtocolError as exc:
+            self.kill()  # what it says next cannot be trusted either
+            raise ContainerCrashedError(
+                f"container {self.id} of {self.plan.label} wrote a malformed control message ({exc}); it was stopped"
+            ) from None
 
     def _death_note(self, when: str) -> str:
         code = None
@@ -271,8 +298,8 @@ class FunctionContainer:
             how = f"killed by signal {code - 128}"
         else:
             how = f"exit status {code}"
-        if self._cgroup is not None and cgroups.oom_kills(self._cgroup):
-            how = f"out of memory: the kernel killed it for exceeding memory={self.plan.memory_mib} MiB"
+        if self._groups is not None and self._groups.oom_kills():
+            how = f"out of memory: the kernel killed it for exceeding memory={self.plan.limits.memory_mib} MiB"
         return f"container {self.id} of {self.plan.label} died {when} ({how})"
 
     def _expect(self, kind: str, timeout: float, doing: str) -> None:

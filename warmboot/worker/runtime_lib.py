@@ -1,8 +1,15 @@
-"""The read-only library every function container imports warmboot's runtime (and cloudpickle) from.
+"""The runtime layer: the read-only top layer of every container's root filesystem.
 
-Containers run the *image's* interpreter, which has neither warmboot nor cloudpickle installed: a
-content-addressed copy of both is made once under ``$WARMBOOT_HOME/runtime`` and put on the container's
-PYTHONPATH, so images stay exactly what the user asked for.
+It holds what warmboot itself puts in a container, so images stay exactly what the user asked for:
+
+    __warmboot/lib/      warmboot's runtime and cloudpickle (on the container's PYTHONPATH)
+    __warmboot/init      the static init that confines the container and runs its command (sandbox/init.c)
+    __warmboot/seccomp.bpf   the seccomp filter the init loads
+    dev/                 an opaque /dev with only the standard character devices (no host device is reachable)
+    etc/resolv.conf, etc/hosts, etc/hostname   the container's network identity (slirp4netns' DNS)
+    proc/ sys/ tmp/      mount points, for images that lack them
+
+It is content-addressed (``$WARMBOOT_HOME/runtime/<digest>/``) and made once per digest.
 """
 
 from __future__ import annotations
@@ -11,21 +18,31 @@ import functools
 import hashlib
 import os
 import shutil
+import stat
 import threading
 from pathlib import Path
 
 import cloudpickle
 
 import warmboot
+from warmboot.worker.sandbox import entry, seccomp
+
+#: Bumped whenever the layer's layout changes.
+LAYOUT_VERSION = 1
+LIB_DIR = "/__warmboot/lib"  #: inside the container
+_STANDARD_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+_ETC = {
+    "resolv.conf": "nameserver 10.0.2.3\n",  # slirp4netns' DNS forwarder, the only resolver a container reaches
+    "hosts": "127.0.0.1\tlocalhost warmboot\n::1\tlocalhost ip6-localhost ip6-loopback\n",
+    "hostname": "warmboot\n",
+}
 
 
-def _tree_digest(roots: list[Path]) -> str:
-    digest = hashlib.sha256()
+def _tree_digest(roots: list[Path], digest: hashlib._Hash) -> None:
     for root in roots:
         for path in sorted(root.rglob("*.py")):
             digest.update(str(path.relative_to(root.parent)).encode())
             digest.update(path.read_bytes())
-    return digest.hexdigest()[:16]
 
 
 _ensure_lock = threading.Lock()  # pools boot containers on many threads; they share one temporary name
@@ -33,7 +50,7 @@ _ensure_lock = threading.Lock()  # pools boot containers on many threads; they s
 
 @functools.cache
 def ensure(home: Path) -> Path:
-    """The directory to put on a container's PYTHONPATH (created on first use)."""
+    """The runtime layer's directory (made on first use)."""
     with _ensure_lock:
         return _ensure(home)
 
@@ -44,20 +61,60 @@ def _sources() -> list[Path]:
 
 def code_digest() -> str:
     """The digest of the warmboot (and cloudpickle) code on disk now: a running server compares its own."""
-    return _tree_digest(_sources())
+    digest = hashlib.sha256()
+    _tree_digest(_sources(), digest)
+    return digest.hexdigest()[:16]
+
+
+def _layer_digest(init: bytes, bpf: bytes) -> str:
+    digest = hashlib.sha256(f"warmboot-runtime-layer-v{LAYOUT_VERSION}\0".encode())
+    _tree_digest(_sources(), digest)
+    digest.update(hashlib.sha256(init).digest())
+    digest.update(hashlib.sha256(bpf).digest())
+    return digest.hexdigest()[:16]
 
 
 def _ensure(home: Path) -> Path:
-    sources = _sources()
-    target = home / "runtime" / _tree_digest(sources)
+    init = entry.init_binary().read_bytes()
+    bpf = seccomp.export_bpf()
+    target = home / "runtime" / _layer_digest(init, bpf)
     if target.is_dir():
         return target
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    for src in sources:
-        shutil.copytree(src, tmp / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    lib = tmp / LIB_DIR.lstrip("/")
+    for src in _sources():
+        shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    _write(tmp / "__warmboot" / "init", init, 0o755)
+    _write(tmp / "__warmboot" / "seccomp.bpf", bpf, 0o644)
+    _make_dev(tmp / "dev")
+    for name, text in _ETC.items():
+        _write(tmp / "etc" / name, text.encode(), 0o644)
+    for name, mode in (("proc", 0o555), ("sys", 0o555), ("tmp", 0o1777)):
+        (tmp / name).mkdir(mode=mode)
+        os.chmod(tmp / name, mode)
     try:
         os.rename(tmp, target)
     except OSError:  # another process made it first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.chmod(path, mode)
+
+
+def _make_dev(dev: Path) -> None:
+    """An opaque /dev: the image's own /dev entries (device nodes included) are hidden under it."""
+    dev.mkdir(mode=0o755)
+    os.setxattr(dev, "trusted.overlay.opaque", b"y")
+    for name, (major, minor) in _STANDARD_DEVICES.items():
+        os.mknod(dev / name, 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(dev / name, 0o666)
+    (dev / "shm").mkdir(mode=0o1777)
+    (dev / "pts").mkdir(mode=0o755)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1")):
+        os.symlink(target, dev / name)
+    os.symlink("/proc/self/fd/2", dev / "stderr")

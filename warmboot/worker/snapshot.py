@@ -35,6 +35,7 @@ from warmboot.errors import (
 )
 from warmboot.worker import container as containers
 from warmboot.worker import criu, host
+from warmboot.worker.sandbox import rootfs
 
 log = logging.getLogger("warmboot.snapshot")
 
@@ -84,22 +85,7 @@ class Snapshot:
             return "marked broken (unreadable mark)"
 
 
-# Filesystems CRIU can neither dump nor recreate (a GPU driver's squashfs, FUSE, network filesystems): their
-# mounts are declared external at dump and bind-mounted back from the same host path at restore, which means
-# the same thing there since a container sees the host's filesystem.
-_EXTERNAL_FS = frozenset({"squashfs", "erofs", "fuse", "fuseblk", "nfs", "nfs4", "cifs", "9p", "virtiofs", "overlay"})
-
-
-def _external_mounts(pid: int) -> dict[str, str]:
-    """The container's mounts of filesystems CRIU cannot handle itself: {external key: mountpoint}."""
-    found: dict[str, str] = {}
-    with open(f"/proc/{pid}/mountinfo") as f:
-        for line in f:
-            fields, _, rest = line.partition(" - ")
-            mountpoint, fstype = fields.split()[4], rest.split()[0]
-            if mountpoint != "/" and (fstype in _EXTERNAL_FS or fstype.startswith("fuse.")):
-                found[f"wb-ext-{len(found)}"] = mountpoint
-    return found
+UPPER_COPY = "rootfs-upper"  #: the container's writable layer at dump time (see sandbox.rootfs)
 
 
 def _hash_file(path: Path) -> str:
@@ -210,10 +196,12 @@ class SnapshotStore:
         tmp.mkdir(mode=0o700)
         started = time.monotonic()
         try:
-            args = ["dump", "-t", str(target.pid), "-D", str(tmp), "-W", str(tmp)]
-            external = _external_mounts(target.pid)
-            for key, mountpoint in external.items():
-                args += ["--external", f"mnt[{mountpoint}]:{key}"]
+            # The container's network namespace has only loopback until START: there is no traffic to lock.
+            args = ["dump", "-t", str(target.pid), "-D", str(tmp), "-W", str(tmp), "--network-lock", "skip"]
+            # Volumes are the only host directories in a container: CRIU binds them back from the host.
+            external = {f"wb-vol-{i}": {"target": m.target, "source": m.source} for i, m in enumerate(target.mounts)}
+            for key, mount in external.items():
+                args += ["--external", f"mnt[{mount['target']}]:{key}"]
             if leave_running:
                 args.append("--leave-running")
             result = criu.run(args, log_path=tmp / DUMP_LOG)
@@ -224,6 +212,8 @@ class SnapshotStore:
                     criu_errors=result.errors,
                 )
             dump_s = time.monotonic() - started
+            if target.run_dir is not None:
+                rootfs.save_upper(target.run_dir, tmp / UPPER_COPY)
             manifest = self._write_manifest(tmp, target, snapshot_id, dump_s, metadata or {}, external)
             os.rename(tmp, final)
             _fsync_path(self.root)
@@ -246,10 +236,12 @@ class SnapshotStore:
         snapshot_id: str,
         dump_s: float,
         metadata: dict[str, Any],
-        external: dict[str, str],
+        external: dict[str, dict[str, str]],
     ) -> dict[str, Any]:
         files: dict[str, dict[str, Any]] = {}
         for path in sorted(tmp.iterdir()):
+            if path.name == UPPER_COPY:  # its modes are the container's (its root's too): the store is 0700
+                continue
             if path.name == DUMP_LOG:
                 os.chmod(path, 0o600)
                 continue
@@ -267,6 +259,7 @@ class SnapshotStore:
             "cpu": {"model": fp.cpu_model, "flags_sha256": fp.cpu_flags_sha256, "id": fp.cpu},
             "channels": target.pipe_ids,
             "external_mounts": external,
+            "layers": [str(p) for p in target.layers],
             "files": files,
             "total_bytes": sum(f["size"] for f in files.values()),
             "metadata": metadata,
@@ -326,8 +319,11 @@ class SnapshotStore:
                 )
             self._verified.add(version)
 
-    def restore(self, snapshot: Snapshot | str) -> containers.Container:
+    def restore(self, snapshot: Snapshot | str, run_dir: Path) -> containers.Container:
         """Restore a new copy of ``snapshot`` on fresh channels and return it, running.
+
+        ``run_dir`` becomes the copy's run directory: a writable layer seeded from the snapshot's, on the
+        snapshot's image layers.
 
         Raises :class:`SnapshotIncompatibleError` or :class:`SnapshotCorruptError` before CRIU runs, and
         :class:`SnapshotFileChangedError` or :class:`RestoreError` (with CRIU's error lines) when CRIU fails.
@@ -344,6 +340,11 @@ class SnapshotStore:
                 self.mark_broken(snapshot, str(exc))
             raise
         containers.ensure_subreaper()
+        layers = [Path(p) for p in snapshot.manifest.get("layers", [])]
+        external = snapshot.manifest.get("external_mounts", {})
+        rootfs.prepare(run_dir)
+        rootfs.seed_upper(snapshot.path / UPPER_COPY, run_dir)
+        root = rootfs.mount_root(layers, run_dir)
         pipes = containers.new_pipes()
         run_id = f"{snapshot.id}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         log_path = self._logs / f"restore-{run_id}.log"
@@ -356,14 +357,14 @@ class SnapshotStore:
             str(self._logs),
             "--restore-detached",
             "--root",
-            "/",
+            str(root),
             "--pidfile",
             str(pidfile),
             # Don't recreate the original container's cgroups: the worker puts each copy in its own.
             "--manage-cgroups=ignore",
         ]
-        for key, mountpoint in snapshot.manifest.get("external_mounts", {}).items():
-            args += ["--external", f"mnt[{key}]:{mountpoint}"]
+        for key, mount in external.items():
+            args += ["--external", f"mnt[{key}]:{mount['source']}"]
         for role, old_pipe in snapshot.manifest["channels"].items():
             args += ["--inherit-fd", f"fd[{pipes.container_fds[role]}]:{old_pipe}"]
         try:
@@ -371,8 +372,11 @@ class SnapshotStore:
             restored = time.monotonic()
         finally:
             pipes.close_container_ends()
+            with contextlib.suppress(OSError):
+                rootfs.detach(run_dir)
         if result.returncode != 0:
             pipes.channels.close()
+            rootfs.remove(run_dir)
             error_cls = (
                 SnapshotFileChangedError if any(_FILE_CHANGED.search(line) for line in result.errors) else RestoreError
             )
@@ -389,6 +393,14 @@ class SnapshotStore:
         finally:
             pidfile.unlink(missing_ok=True)
             log_path.unlink(missing_ok=True)
-        copy = containers.Container(pid, pipes.channels, snapshot.manifest["channels"], restored_from=snapshot.id)
+        copy = containers.Container(
+            pid,
+            pipes.channels,
+            snapshot.manifest["channels"],
+            restored_from=snapshot.id,
+            run_dir=run_dir,
+            layers=layers,
+            mounts=[containers.BindMount(m["source"], m["target"]) for m in external.values()],
+        )
         copy.timings = {"check_ms": (checked - started) * 1000, "criu_restore_ms": (restored - checked) * 1000}
         return copy

@@ -1,0 +1,32 @@
+"""Images as a deploy pins them: the built image plus its local files, resolved once, reused by every start."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from warmboot.worker import images
+
+
+@dataclass(frozen=True)
+class ResolvedImage:
+    """A function's image at deploy: its layers, and its ``add_local_*`` files copied into layers of their own."""
+
+    image: images.BuiltImage
+    local_layers: tuple[Path, ...]  #: bottom first; above the image's layers
+
+    def to_json(self) -> dict[str, Any]:
+        return {"image": self.image.to_json(), "local_layers": [str(p) for p in self.local_layers]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ResolvedImage:
+        return cls(images.BuiltImage.from_json(data["image"]), tuple(Path(p) for p in data["local_layers"]))
+
+
+def resolve_image(spec: dict[str, Any], home: Path, *, progress: Callable[[str], None]) -> ResolvedImage:
+    """Build (or find) the image ``spec`` describes and copy its local files: once per deploy."""
+    root = home / "images"
+    image = images.build_image(spec, root=root, progress=progress)
+    return ResolvedImage(image, images.materialize_local_mounts(image, root))
