@@ -13,6 +13,9 @@ fi
 need_apt=()
 command -v unshare >/dev/null || need_apt+=(util-linux)
 command -v mount >/dev/null || need_apt+=(mount)
+# Containers: slirp4netns gives them outbound network after the snapshot point; ip brings up their loopback.
+command -v slirp4netns >/dev/null || need_apt+=(slirp4netns)
+command -v ip >/dev/null || need_apt+=(iproute2)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[setup] installing ${need_apt[*]} from apt" >&2
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null

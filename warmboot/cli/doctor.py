@@ -178,10 +178,10 @@ def check_userfaultfd() -> CheckResult:
 
 
 def check_namespaces() -> CheckResult:
-    """A process can get new PID and mount namespaces (``unshare --pid --fork --mount true``)."""
-    name = "pid+mount namespaces"
-    cmd = ["unshare", "--pid", "--fork", "--mount", "true"]
-    fix = "run as root on a host (or --privileged container) that allows new PID and mount namespaces"
+    """A process can get the namespaces every container has (PID, mount, network, IPC, UTS)."""
+    name = "namespaces"
+    cmd = ["unshare", "--pid", "--fork", "--mount", "--net", "--ipc", "--uts", "true"]
+    fix = "run as root on a host (or --privileged container) that allows new PID, mount, net, IPC and UTS namespaces"
     try:
         proc = subprocess.run(
             cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=_TIMEOUT_S, check=False
@@ -194,6 +194,34 @@ def check_namespaces() -> CheckResult:
         why = _first_line(proc.stderr) or f"exit {proc.returncode}"
         return CheckResult(name, False, True, f"`{' '.join(cmd)}` failed: {why}", fix)
     return CheckResult(name, True, True, f"`{' '.join(cmd)}` works")
+
+
+def check_overlayfs(filesystems: Path = Path("/proc/filesystems")) -> CheckResult:
+    """The kernel has overlayfs: every container's root filesystem is an overlay of its image's layers."""
+    name = "overlayfs"
+    try:
+        known = {line.split()[-1] for line in filesystems.read_text().splitlines() if line.strip()}
+    except OSError as exc:
+        return CheckResult(name, False, True, f"cannot read {filesystems}: {exc}", "run on Linux with /proc mounted")
+    if "overlay" not in known:
+        subprocess.run(["modprobe", "overlay"], capture_output=True, check=False)
+        known = {line.split()[-1] for line in filesystems.read_text().splitlines() if line.strip()}
+    if "overlay" not in known:
+        return CheckResult(name, False, True, "the kernel lists no overlay filesystem", "modprobe overlay")
+    return CheckResult(name, True, True, "overlay filesystem available")
+
+
+def check_sandbox_tools() -> CheckResult:
+    """The programs containers and image builds need: the container init, slirp4netns, bwrap, mmdebstrap."""
+    from warmboot.worker.sandbox import entry
+
+    name = "sandbox tools"
+    missing = [tool for tool in ("slirp4netns", "bwrap", "mmdebstrap", "ip") if shutil.which(tool) is None]
+    if not entry.INIT_BINARY.is_file():
+        missing.append(str(entry.INIT_BINARY))
+    if missing:
+        return CheckResult(name, False, True, "missing: " + ", ".join(missing), "make setup")
+    return CheckResult(name, True, True, f"container init at {entry.INIT_BINARY}; slirp4netns, bwrap, mmdebstrap")
 
 
 def check_cgroups(mounts_file: Path = Path("/proc/self/mounts"), root: Path = Path("/sys/fs/cgroup")) -> CheckResult:
@@ -289,6 +317,8 @@ CHECKS: list[Callable[[], CheckResult]] = [
     check_criu_check,
     check_userfaultfd,
     check_namespaces,
+    check_overlayfs,
+    check_sandbox_tools,
     check_cgroups,
     check_hugepages,
     check_disk,

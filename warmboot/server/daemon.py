@@ -30,7 +30,7 @@ from warmboot.server.logs import LogBook
 from warmboot.server.pool import Call, FunctionPool, PoolSettings, SnapshotPlan
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.state import AppRecord, State
-from warmboot.worker import cgroups, gpus, runtime_lib
+from warmboot.worker import cgroups, cuda_checkpoint, gpus, runtime_lib
 from warmboot.worker.container import BindMount
 from warmboot.worker.runner import LaunchPlan
 from warmboot.worker.sandbox import rootfs
@@ -79,14 +79,26 @@ class RunningApp:
         home = self.server.home
 
         resolved = ResolvedImage.from_json(fspec["resolved_image"])
+        gpu_layers: tuple[Path, ...] = ()
+        gpu_env: dict[str, str] = {}
+        if opts["gpu"]:
+            version = cuda_checkpoint.driver_version() or "unknown"
+            gpu_layers = (gpus.driver_layer(home / "images" / "drivers", version),)
+            gpu_env = dict(gpus.DRIVER_ENV)
+
+        def env() -> dict[str, str]:
+            # Secrets are read at each start: a changed secret reaches new containers without a redeploy.
+            return {**resolved.image.env, **gpu_env, **self._secret_env(fspec), **opts["env"]}
+
         plan = LaunchPlan(
             python=resolved.image.python,
             app_file=f"{APP_DIR}/{self.record.app_file}",
             tag=tag,
-            env={**resolved.image.env, **self._secret_env(fspec), **opts["env"]},
+            env=env(),
             layers=(
                 *resolved.image.layers,
                 *resolved.local_layers,
+                *gpu_layers,
                 Path(self.record.code_dir),
                 runtime_lib.ensure(home),
             ),
@@ -105,8 +117,7 @@ class RunningApp:
         )
 
         def make_plan() -> LaunchPlan:
-            # Secrets are read at each start: a changed secret reaches new containers without a redeploy.
-            return dataclasses.replace(plan, env={**resolved.image.env, **self._secret_env(fspec), **opts["env"]})
+            return dataclasses.replace(plan, env=env())
 
         def start_env() -> dict[str, str]:
             return {**self._secret_env(fspec), **opts["env"]}

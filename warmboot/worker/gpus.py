@@ -1,15 +1,21 @@
 """This worker's NVIDIA GPUs, and putting their device nodes into a container.
 
 A CPU memory snapshot of a GPU function must be taken with no GPU visible (a CUDA context cannot be
-checkpointed by CRIU alone), so such a container boots with a private ``/dev`` that lacks the GPU nodes and
+checkpointed by CRIU alone), so such a container boots with a /dev that lacks the GPU nodes and
 ``CUDA_VISIBLE_DEVICES`` empty; its GPUs are added, and the variables set, only after the snapshot point.
+The driver's user-space files reach the container as a layer of their own (:func:`driver_layer`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
+import re
+import shutil
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from warmboot.errors import ContainerError, UnsupportedOptionError
 
@@ -106,3 +112,52 @@ def check_request(gpu: str, label: str, inventory_: GpuInventory | None = None) 
         raise UnsupportedOptionError(
             f"{label}: gpu={gpu!r} cannot be honoured: this machine has {described}; use gpu='any' or one of its types"
         )
+
+
+#: Where a GPU function's container finds the host driver's user-space files (as NVIDIA's container toolkit does).
+DRIVER_DIR = "/usr/local/nvidia"
+DRIVER_ENV = {"LD_LIBRARY_PATH": f"{DRIVER_DIR}/lib64", "NVIDIA_DRIVER_DIR": DRIVER_DIR}
+_DRIVER_LIBRARIES = re.compile(r"^lib(cuda|nvidia-[\w-]+|nvcuvid|cudadebugger|nvoptix)\.so(\.[\d.]+)?$")
+_DRIVER_BINARIES = ("nvidia-smi", "nvidia-debugdump")
+
+
+def driver_layer(root: Path, version: str) -> Path:
+    """A layer holding the host NVIDIA driver's libraries and tools under :data:`DRIVER_DIR`.
+
+    The user-space driver must match the kernel module, so it comes from the host, never from the image.
+    A layer rather than bind mounts: a container's mounts are recreated at every restore, a layer costs nothing.
+    Files are hard-linked where the layer shares the host's filesystem, copied otherwise; one layer per version.
+    """
+    target = root / f"nvidia-{version}"
+    if target.is_dir():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lib, bin_ = tmp / DRIVER_DIR.lstrip("/") / "lib64", tmp / DRIVER_DIR.lstrip("/") / "bin"
+    lib.mkdir(parents=True)
+    bin_.mkdir()
+    out = subprocess.run(["ldconfig", "-p"], capture_output=True, text=True, check=False).stdout
+    for line in out.splitlines():
+        name, _, path = line.strip().partition(" => ")
+        name = name.split(" ", 1)[0]
+        if _DRIVER_LIBRARIES.match(name) and "x86-64" in line and os.path.exists(path):
+            _link_or_copy(Path(path).resolve(), lib / Path(path).resolve().name)
+            if name != Path(path).resolve().name and not (lib / name).exists():
+                os.symlink(Path(path).resolve().name, lib / name)
+    for tool in _DRIVER_BINARIES:
+        found = shutil.which(tool)
+        if found:
+            _link_or_copy(Path(found).resolve(), bin_ / tool)
+    with contextlib.suppress(OSError):
+        os.rename(tmp, target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    if dest.exists():
+        return
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copy2(source, dest)
