@@ -213,7 +213,7 @@ class FunctionPool:
         fc = FunctionContainer(plan, self._on_output)
         started = time.monotonic()
         try:
-            fc.boot()
+            fc.boot(snapshot_phase=snap is not None)
             if snap is not None and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag):
                 self._make_snapshot(fc, snap)
             fc.start(self._start_env())

@@ -91,8 +91,13 @@ class FunctionContainer:
 
     # ----- lifecycle ---------------------------------------------------------------------------------
 
-    def boot(self) -> None:
-        """Start the container cold and run it up to its snapshot point (imports, ``@enter(snap=True)``)."""
+    def boot(self, *, snapshot_phase: bool = False) -> None:
+        """Start the container cold and run it up to its snapshot point (imports, ``@enter(snap=True)``).
+
+        ``snapshot_phase``: the function makes memory snapshots, so it initialises with loopback only (nothing
+        it opens then can end up in a snapshot) and gets its network at :meth:`start`. Otherwise the network,
+        if the plan has one, is there from the beginning, as users of functions without snapshots expect.
+        """
         env = {
             **CONTAINER_DEFAULT_ENV,
             **self.plan.env,
@@ -119,6 +124,8 @@ class FunctionContainer:
         )
         self.container = containers.start(spec)
         self._start_pumps()
+        if self.plan.network and not snapshot_phase:
+            self._network = network.Network(self.container.pid)
         self._expect(wire.SNAPSHOT_POINT, self.plan.boot_timeout, "booting")
 
     def restore(self, store: SnapshotStore, snapshot: Snapshot) -> None:
@@ -187,7 +194,7 @@ class FunctionContainer:
         started = time.monotonic()
         env = dict(env)
         assert self.container is not None
-        if self.plan.network:
+        if self.plan.network and self._network is None:
             self._network = network.Network(self.container.pid)
         if self.plan.gpus is not None and self.plan.gpus_after_snapshot:
             assert self.container is not None
