@@ -31,7 +31,9 @@ static const char *const CAP_NAMES[] = {
     "mac_override", "mac_admin", "syslog", "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf",
     "checkpoint_restore"};
 #define NCAPS ((int)(sizeof CAP_NAMES / sizeof *CAP_NAMES))
-#define FORWARDED {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2}
+/* What the owner may send PID 1 to stop or poke the program. */
+static const int FORWARDED[] = {SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2};
+#define NFORWARDED (sizeof FORWARDED / sizeof *FORWARDED)
 
 /* One line on stderr, with the errno text when there is one, and the exit code that means "setup failed". */
 static void die(const char *fmt, const char *arg) {
@@ -82,14 +84,14 @@ int main(int argc, char **argv) {
     if (getsid(0) != getpid() && setsid() < 0) die("%s", "setsid");
 
     /* 2. Read the filter now, while we may still read any file; closing it leaves nothing behind for PROGRAM. */
-    static struct sock_filter insns[BPF_MAXINSNS];
+    static struct sock_filter insns[BPF_MAXINSNS + 1]; /* one spare to detect a program the kernel refuses */
     int fd = open(seccomp_file, O_RDONLY | O_CLOEXEC);
     if (fd < 0) die("cannot read seccomp file %s", seccomp_file);
     ssize_t n = 0, got;
     while ((got = read(fd, (char *)insns + n, sizeof insns - n)) > 0) n += got;
     if (got < 0) die("cannot read seccomp file %s", seccomp_file);
     close(fd);
-    if (n == 0 || n % sizeof *insns != 0) {
+    if (n == 0 || n % sizeof *insns != 0 || n / sizeof *insns > BPF_MAXINSNS) {
         errno = 0;
         die("seccomp file %s is not a BPF program", seccomp_file);
     }
@@ -104,7 +106,7 @@ int main(int argc, char **argv) {
      *    set is what really limits PROGRAM. The last capability is probed with PR_CAPBSET_READ (EINVAL past
      *    the end) rather than read from /proc/sys/kernel/cap_last_cap, which an image need not have mounted. */
     for (int cap = 0; prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0; cap++)
-        if (!(keep >> cap & 1) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) die("%s", "PR_CAPBSET_DROP");
+        if (!(cap < 64 && (keep >> cap & 1)) && prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0) die("%s", "PR_CAPBSET_DROP");
     errno = 0;
     /* Ambient capabilities survive execve for non-root programs: none may. */
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0) die("%s", "PR_CAP_AMBIENT_CLEAR_ALL");
@@ -114,21 +116,21 @@ int main(int argc, char **argv) {
         data[w].effective = data[w].permitted = data[w].inheritable = (unsigned)(keep >> (32 * w));
     if (syscall(SYS_capset, &hdr, data) < 0) die("%s", "capset");
 
-    /* 5. Seccomp last: the steps above use syscalls (capset, prctl) the filter need not allow, and TSYNC
-     *    applies it to every thread (there is one) so no thread escapes it. Inherited by fork and execve. */
+    /* 5. Seccomp last, so that it constrains the program and not this set-up. Without CAP_SYS_ADMIN (gone
+     *    since step 4) the kernel accepts a filter only under no_new_privs (step 3). TSYNC puts every thread
+     *    under it (there is one: belt and braces). Inherited across fork and execve, and never removable. */
     if (syscall(SYS_seccomp, SECCOMP_SET_MODE_FILTER, SECCOMP_FILTER_FLAG_TSYNC, &prog) != 0) die("%s", "seccomp");
 
     /* 6. Block the signals we forward (and SIGCHLD) before fork, so none is lost between fork and the wait
      *    loop; they are handled synchronously with sigwaitinfo. Handlers are installed as well because the
      *    kernel discards signals that PID 1 of a namespace has left at SIG_DFL. */
-    int forwarded[] = FORWARDED;
     sigset_t set, old;
     sigemptyset(&set);
     sigaddset(&set, SIGCHLD);
     struct sigaction sa = {.sa_handler = on_signal};
-    for (size_t k = 0; k < sizeof forwarded / sizeof *forwarded; k++) {
-        sigaddset(&set, forwarded[k]);
-        sigaction(forwarded[k], &sa, NULL);
+    for (size_t k = 0; k < NFORWARDED; k++) {
+        sigaddset(&set, FORWARDED[k]);
+        sigaction(FORWARDED[k], &sa, NULL);
     }
     sigaction(SIGCHLD, &sa, NULL);
     sigprocmask(SIG_BLOCK, &set, &old);
@@ -139,7 +141,7 @@ int main(int argc, char **argv) {
         /* PROGRAM gets default dispositions and the mask the launcher gave us. It is not PID 1, so it can be
          * signalled like any process; it keeps our fds (stdio and the control pipes). */
         sa.sa_handler = SIG_DFL;
-        for (size_t k = 0; k < sizeof forwarded / sizeof *forwarded; k++) sigaction(forwarded[k], &sa, NULL);
+        for (size_t k = 0; k < NFORWARDED; k++) sigaction(FORWARDED[k], &sa, NULL);
         sigaction(SIGCHLD, &sa, NULL);
         sigprocmask(SIG_SETMASK, &old, NULL);
         execvp(program[0], program);
