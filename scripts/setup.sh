@@ -21,6 +21,22 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
+# OCI images: skopeo copies images between registries and the local OCI layout (Image.from_registry); zstd
+# unpacks zstd-compressed layers; the tests serve images from Debian's docker-registry (the CNCF distribution
+# server) on loopback. Its package would also start a registry on :5000 for every interface, so a registry
+# service this block installs is stopped and disabled again: warmboot only runs its own, on loopback.
+need_oci=()
+command -v skopeo >/dev/null || need_oci+=(skopeo)
+command -v zstd >/dev/null || need_oci+=(zstd)
+command -v docker-registry >/dev/null || need_oci+=(docker-registry)
+if [ ${#need_oci[@]} -gt 0 ]; then
+  echo "[setup] installing ${need_oci[*]} from apt (OCI images)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_oci[@]}" >/dev/null
+  if [[ " ${need_oci[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
+fi
+
 bash scripts/install-criu.sh
 bash scripts/build-init.sh  # the static PID 1 of function containers (warmboot/worker/sandbox/init.c)
 
