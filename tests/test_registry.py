@@ -31,6 +31,8 @@ from warmboot.worker.images.oci import (
     ImageConfig,
     ImageRef,
     Layout,
+    find_python,
+    lookup_path,
     pull_base,
     python_layer,
     python_versions,
@@ -124,6 +126,15 @@ def test_whiteouts_and_opaque_dirs_round_trip_through_the_registry(
     assert (top / "srv/tool-hardlink").lstat().st_ino == st.st_ino
     assert os.readlink(top / "srv/tool-link") == "tool"
 
+    # The same view without mounting anything: whiteouts, opaque dirs and symlinks honoured.
+    layers = list(derived.layers)
+    assert lookup_path(layers, "/etc/hello") is None and lookup_path(base.layers, "/etc/hello") is not None
+    assert lookup_path(layers, "/opt/data/a") is None and lookup_path(layers, "/opt/data/c") == top / "opt/data/c"
+    # /bin -> usr/bin in the base layer, so "/bin/.." is /usr (as the kernel resolves it), and /bin/../.. is /.
+    assert lookup_path(layers, "/bin/../srv/tool-link") is None
+    assert lookup_path(layers, "/bin/../../srv/tool-link") == top / "srv/tool"
+    assert lookup_path(layers, "/etc/passwd") == base.layers[0] / "etc/passwd"
+
     script = (
         "test -e /etc/hello && echo hello-visible; ls /opt/data; /srv/tool-link; "
         "stat -c '%u:%g %a %h' /srv/tool; cat /etc/passwd"
@@ -176,7 +187,11 @@ def test_python_layer_adds_python_to_a_pythonless_base(registry_base_image: Base
     assert python_layer("3.11", root=image_root, progress=lines.append) == layer
     assert time.monotonic() - t0 < 0.5 < first  # cached: no apt, no unpack
 
+    assert find_python(list(base.layers), base.env) is None
+    assert find_python([*base.layers, layer], {"PATH": "/usr/local/bin:/usr/bin"}) == "/usr/local/bin/python3"
+
     script = (
+        "test ! -e /usr/lib/python3.11/EXTERNALLY-MANAGED && "  # pip installs system-wide, as in Modal's images
         "python -c 'import ssl, sqlite3, sys; print(sys.version_info[:2], ssl.OPENSSL_VERSION, sqlite3.sqlite_version)'"
         " && python3 -c 'import ssl; print(ssl.get_default_verify_paths().cafile)'"
         " && test -s /etc/ssl/certs/ca-certificates.crt && pip --version && cat /etc/hello"

@@ -774,6 +774,94 @@ def unpack_layer(blob: Path, dest: Path, *, diff_id: str | None = None) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Looking into a stack of layers without mounting it
+
+#: Where :func:`find_python` looks when the image's env sets no PATH (Docker's default PATH).
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+_MAX_SYMLINKS = 40
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def _top_entry(layers: Sequence[Path], parts: Sequence[str]) -> Path | None:
+    """The host path of the entry ``parts`` in the overlay of ``layers`` (bottom first), or None where it is absent.
+
+    The caller has resolved every ancestor to a directory of the merged view, so a layer only hides the ones below
+    it where an ancestor is a non-directory (a whiteout or a file) or an opaque directory.
+    """
+    for layer in reversed(layers):
+        hidden_below = False
+        for k in range(1, len(parts)):
+            try:
+                st = os.lstat(layer.joinpath(*parts[:k]))
+            except FileNotFoundError:
+                break
+            if not stat.S_ISDIR(st.st_mode):
+                return None
+            if _is_opaque(str(layer.joinpath(*parts[:k]))):
+                hidden_below = True
+        path = layer.joinpath(*parts)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            if hidden_below:
+                return None
+            continue
+        return None if _is_whiteout(st) else path
+    return None
+
+
+def lookup_path(layers: Sequence[Path], path: str) -> Path | None:
+    """Where the container path ``path`` lives on the host, in the overlay of ``layers`` (bottom first).
+
+    Follows symlinks as the container would (absolute targets from the stack's root), honours whiteouts and
+    opaque directories, and returns the host path of the final entry, or None when it does not exist. For
+    inspecting an image at build time (is there a Python, which one) without mounting anything.
+    """
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    resolved: list[str] = []
+    hops = 0
+    while parts:
+        comp = parts.pop(0)
+        if comp == "..":
+            if resolved:
+                resolved.pop()
+            continue
+        hit = _top_entry(layers, [*resolved, comp])
+        if hit is None:
+            return None
+        if stat.S_ISLNK(os.lstat(hit).st_mode):
+            hops += 1
+            if hops > _MAX_SYMLINKS:
+                return None
+            target = os.readlink(hit)
+            if target.startswith("/"):
+                resolved = []
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        resolved.append(comp)
+        if parts and not hit.is_dir():
+            return None
+    return _top_entry(layers, resolved) if resolved else (layers[-1] if layers else None)
+
+
+def find_python(layers: Sequence[Path], env: dict[str, str] | None = None) -> str | None:
+    """The container path of the first ``python3`` or ``python`` on the image's PATH, or None when it has none."""
+    search = (env or {}).get("PATH") or DEFAULT_PATH
+    for directory in search.split(":"):
+        if not directory.startswith("/"):
+            continue
+        for name in ("python3", "python"):
+            candidate = f"{directory.rstrip('/')}/{name}"
+            host = lookup_path(layers, candidate)
+            if host is not None and host.is_file() and os.stat(host).st_mode & 0o111:
+                return candidate
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Registry pulls
 
 
