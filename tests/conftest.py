@@ -5,15 +5,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
-from collections.abc import Iterator
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from platform_helpers import Platform
 
+from warmboot.sdk.image import Image
 from warmboot.worker import container as containers
-from warmboot.worker.snapshot import SnapshotStore
+from warmboot.worker import runtime_lib
+from warmboot.worker.images import build_image
+from warmboot.worker.sandbox import capabilities
+from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 CHILDREN = Path(__file__).parent / "children"
 
@@ -28,31 +34,98 @@ def store(tmp_path: Path) -> SnapshotStore:
     return SnapshotStore(tmp_path / "snapshots")
 
 
-class Running:
-    """Tracks containers a test starts or restores, and kills what is left at the end."""
+# ----- engine-level containers -----------------------------------------------------------------------
+#
+# A container sees only its own root filesystem, so the test children cannot run on the host's Python: they
+# run on a Debian image's, from a layer that holds a copy of tests/children at CHILDREN_IN_CONTAINER.
 
-    def __init__(self) -> None:
+CHILDREN_IN_CONTAINER = "/root/children"
+STATEFUL = f"{CHILDREN_IN_CONTAINER}/stateful.py"
+
+
+@dataclass(frozen=True)
+class EngineImage:
+    """What engine tests start containers on: layers (bottom first, the runtime layer on top) and a Python."""
+
+    layers: tuple[Path, ...]
+    python: str  #: the interpreter, as a path inside the container
+    env: dict[str, str]
+
+    def to_json(self) -> str:
+        return json.dumps({"layers": [str(p) for p in self.layers], "python": self.python, "env": self.env})
+
+    @classmethod
+    def from_json(cls, text: str) -> EngineImage:
+        d = json.loads(text)
+        return cls(tuple(Path(p) for p in d["layers"]), d["python"], d["env"])
+
+
+def _base_image(root: Path) -> tuple[tuple[Path, ...], str, dict[str, str]]:
+    """A debian_slim image's layers, interpreter and environment (the Debian base is cached host-wide)."""
+    built = build_image(Image.debian_slim().to_spec(), root=root, progress=lambda _line: None)
+    return tuple(built.layers), built.python, dict(built.env)
+
+
+def _children_layer(root: Path) -> Path:
+    """A layer holding a copy of tests/children at :data:`CHILDREN_IN_CONTAINER` (/root keeps Debian's 0700)."""
+    layer = root / "children-layer"
+    target = layer / CHILDREN_IN_CONTAINER.lstrip("/")
+    shutil.copytree(CHILDREN, target, ignore=shutil.ignore_patterns("__pycache__"))
+    os.chmod(layer / "root", 0o700)
+    return layer
+
+
+@pytest.fixture(scope="session")
+def engine_image(tmp_path_factory: pytest.TempPathFactory) -> EngineImage:
+    root = tmp_path_factory.mktemp("engine-image")
+    layers, python, env = _base_image(root / "images")
+    runtime = runtime_lib.ensure(root / "home")
+    return EngineImage((*layers, _children_layer(root), runtime), python, env)
+
+
+class Running:
+    """Starts and restores containers on ``image`` (run directories under ``run_root``); kills what is left."""
+
+    def __init__(self, image: EngineImage, run_root: Path) -> None:
+        self.image = image
+        self.run_root = run_root
         self.all: list[containers.Container] = []
 
     def add(self, c: containers.Container) -> containers.Container:
         self.all.append(c)
         return c
 
-    def start_stateful(self, *args: str, mounts: tuple[containers.BindMount, ...] = ()) -> containers.Container:
-        spec = containers.ContainerSpec(
-            argv=[sys.executable, "-S", str(CHILDREN / "stateful.py"), *args],
-            mounts=mounts,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            private_tmp=False,  # the checkout and its .venv may live under /tmp, which a private /tmp hides
+    def run_dir(self) -> Path:
+        """A fresh run directory for one container (its writable layer)."""
+        return self.run_root / f"c{len(self.all)}-{uuid.uuid4().hex[:8]}"
+
+    def spec(self, argv: Sequence[str], mounts: Sequence[containers.BindMount] = ()) -> containers.ContainerSpec:
+        return containers.ContainerSpec(
+            argv=list(argv),
+            layers=self.image.layers,
+            run_dir=self.run_dir(),
+            env=self.image.env,
+            cwd="/root",
+            mounts=tuple(mounts),
+            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
-        c = self.add(containers.start(spec))
-        assert c.channels.control_out.readline() == b"ready\n", c.channels.stderr.read().decode()
+
+    def start(self, argv: Sequence[str], mounts: Sequence[containers.BindMount] = ()) -> containers.Container:
+        return self.add(containers.start(self.spec(argv, mounts)))
+
+    def start_stateful(self, *args: str, mounts: Sequence[containers.BindMount] = ()) -> containers.Container:
+        c = self.start([self.image.python, "-S", STATEFUL, *args], mounts)
+        ready = c.channels.control_out.readline()
+        assert ready == b"ready\n", f"{ready!r}; stderr: {c.channels.stderr.read().decode()}"
         return c
+
+    def restore(self, store: SnapshotStore, snapshot: Snapshot | str) -> containers.Container:
+        return self.add(store.restore(snapshot, self.run_dir()))
 
 
 @pytest.fixture
-def running() -> Iterator[Running]:
-    r = Running()
+def running(engine_image: EngineImage, tmp_path: Path) -> Iterator[Running]:
+    r = Running(engine_image, tmp_path / "containers")
     yield r
     for c in r.all:
         with contextlib.suppress(OSError, TimeoutError):

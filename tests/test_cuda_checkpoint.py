@@ -7,10 +7,10 @@ import ctypes
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from conftest import Running
 
 from warmboot.errors import GpuSnapshotError, SnapshotError
 from warmboot.worker import container as containers
@@ -103,7 +103,14 @@ def test_suspend_refuses_a_process_that_maps_libcuda_when_the_api_is_missing(tmp
 
 
 def _plan(**overrides: object) -> LaunchPlan:
-    base: dict[str, object] = {"python": sys.executable, "app_file": "/app.py", "tag": "f", "env": {}}
+    base: dict[str, object] = {
+        "python": "/usr/bin/python3",
+        "app_file": "/app.py",
+        "tag": "f",
+        "env": {},
+        "layers": (),
+        "containers_dir": Path("/nonexistent"),
+    }
     base.update(overrides)
     return LaunchPlan(**base)  # type: ignore[arg-type]
 
@@ -116,16 +123,22 @@ def test_which_plans_take_gpu_snapshots() -> None:
 
 
 @no_driver
-def test_a_failed_gpu_checkpoint_raises_a_snapshot_error_and_publishes_nothing(tmp_path: Path) -> None:
-    lib = _fake_libcuda(tmp_path)
+def test_a_failed_gpu_checkpoint_raises_a_snapshot_error_and_publishes_nothing(
+    tmp_path: Path, running: Running
+) -> None:
+    lib_dir = tmp_path / "driver"
+    lib_dir.mkdir()
+    _fake_libcuda(lib_dir)
     store = SnapshotStore(tmp_path / "snapshots")
     fc = FunctionContainer(_plan(gpus=gpus.GpuInventory((), ())), lambda *_: None)
-    spec = containers.ContainerSpec(argv=[sys.executable, "-c", _MAPPER, str(lib)], private_tmp=False)
-    fc.container = containers.start(spec)
+    # The fake driver library reaches the container through a volume: the container sees nothing else of the host.
+    fc.container = running.start(
+        [running.image.python, "-c", _MAPPER, "/driver/libcuda.so.1"],
+        mounts=(containers.BindMount(str(lib_dir), "/driver", read_only=True),),
+    )
     try:
-        deadline = time.monotonic() + 10
-        while not cc.cuda_pids(fc.container.pids()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        assert fc.container.channels.stdout.readline() == b"mapped\n"
+        assert cc.cuda_pids(fc.container.pids()), "the mapped libcuda.so.1 is not seen in the container's maps"
         with pytest.raises(SnapshotError) as info:
             fc.checkpoint(store, app="a", tag="f", key="k")
         assert isinstance(info.value, GpuSnapshotError)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,11 +11,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import Running, ask
+from conftest import EngineImage, Running, ask
 
 from warmboot.errors import (
     CheckpointError,
@@ -23,7 +25,8 @@ from warmboot.errors import (
     SnapshotIncompatibleError,
 )
 from warmboot.worker import container as containers
-from warmboot.worker.snapshot import MANIFEST, SnapshotStore
+from warmboot.worker.sandbox import capabilities
+from warmboot.worker.snapshot import MANIFEST, UPPER_COPY, SnapshotStore
 
 
 def test_restored_copy_keeps_a_large_dict(store: SnapshotStore, running: Running) -> None:
@@ -34,7 +37,7 @@ def test_restored_copy_keeps_a_large_dict(store: SnapshotStore, running: Running
     snap = store.checkpoint(original)  # CRIU kills the original once dumped
     original.wait(timeout=10)
 
-    copy = running.add(store.restore(snap))
+    copy = running.restore(store, snap)
     after = ask(copy, "after")
     assert after["dict_len"] == 1_000_000
     assert after["dict_digest"] == before["dict_digest"]
@@ -52,7 +55,7 @@ def test_checkpoint_can_leave_the_container_running(store: SnapshotStore, runnin
 def test_four_concurrent_restores_each_answer_on_their_own_channels(store: SnapshotStore, running: Running) -> None:
     snap = store.checkpoint(running.start_stateful("--dict-size", "50000"))
     with ThreadPoolExecutor(4) as pool:
-        copies = [running.add(c) for c in pool.map(lambda _: store.restore(snap), range(4))]
+        copies = list(pool.map(lambda _: running.restore(store, snap), range(4)))
 
     replies = {}
     with ThreadPoolExecutor(4) as pool:
@@ -68,21 +71,19 @@ def test_four_concurrent_restores_each_answer_on_their_own_channels(store: Snaps
 
 
 def test_stdout_of_a_restored_copy_reaches_its_own_pipe(store: SnapshotStore, running: Running) -> None:
-    spec = containers.ContainerSpec(
-        argv=[
-            sys.executable,
+    original = running.start(
+        [
+            running.image.python,
             "-S",
             "-c",
             "import os,sys\nr=os.fdopen(3,'rb',0)\nw=os.fdopen(4,'wb',0)\nw.write(b'ready\\n')\n"
             "for l in r:\n    print('out:'+l.decode().strip(), flush=True)\n"
             "    print('err:'+l.decode().strip(), file=sys.stderr, flush=True)\n    w.write(b'ok\\n')\n",
-        ],
-        private_tmp=False,  # the checkout's .venv may live under /tmp
+        ]
     )
-    original = running.add(containers.start(spec))
     assert original.channels.control_out.readline() == b"ready\n"
     snap = store.checkpoint(original)
-    copy = running.add(store.restore(snap))
+    copy = running.restore(store, snap)
     copy.channels.control_in.write(b"x\n")
     assert copy.channels.control_out.readline() == b"ok\n"
     assert copy.channels.stdout.readline() == b"out:x\n"
@@ -106,8 +107,12 @@ def test_snapshot_has_manifest_and_is_root_only(store: SnapshotStore, running: R
     assert set(m["channels"]) == {"control_in", "control_out", "stdout", "stderr"}
     assert any(name.startswith("pages-") for name in m["files"])
     assert stat.S_IMODE(os.stat(store.root).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(snap.path).st_mode) == 0o700
     for path in snap.path.iterdir():
+        if path.name == UPPER_COPY:  # the container's writable layer keeps its modes: "/" is 0755 inside
+            continue
         assert stat.S_IMODE(path.stat().st_mode) & 0o077 == 0, f"{path.name} is readable by others"
+    assert (snap.path / UPPER_COPY).is_dir()
     assert [s.id for s in store.list()] == [snap.id]
 
 
@@ -122,14 +127,14 @@ def test_changed_mapped_file_fails_with_typed_error(tmp_path: Path, store: Snaps
 
     (data / "weights.bin").write_bytes(b"changed!" * 10)  # a different size, as after a volume edit
     with pytest.raises(SnapshotFileChangedError) as info:
-        store.restore(snap)
+        running.restore(store, snap)
     assert info.value.snapshot_id == snap.id
     assert any("weights.bin" in line for line in info.value.criu_errors), info.value.criu_errors
     assert snap.broken_reason() is not None
     # Never used twice: even with the file put back, the broken snapshot is refused before CRIU runs.
     (data / "weights.bin").write_bytes(b"original weights" * 1000)
     with pytest.raises(SnapshotCorruptError, match="marked broken"):
-        store.restore(snap)
+        running.restore(store, snap)
 
 
 def test_deleted_mapped_file_fails_with_typed_error(tmp_path: Path, store: SnapshotStore, running: Running) -> None:
@@ -140,7 +145,7 @@ def test_deleted_mapped_file_fails_with_typed_error(tmp_path: Path, store: Snaps
     snap = store.checkpoint(original)
     (data / "model.bin").unlink()
     with pytest.raises(SnapshotFileChangedError) as info:
-        store.restore(snap)
+        running.restore(store, snap)
     assert info.value.criu_errors
 
 
@@ -153,7 +158,7 @@ def test_corrupted_page_image_is_refused(store: SnapshotStore, running: Running)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
     with pytest.raises(SnapshotCorruptError, match=pages.name) as info:
-        store.restore(snap)
+        running.restore(store, snap)
     assert info.value.snapshot_id == snap.id
     assert not list(store._logs.glob("restore-*.log")), "CRIU must not have run"
 
@@ -165,7 +170,7 @@ def test_other_cpu_fingerprint_is_refused_before_criu(store: SnapshotStore, runn
     m["cpu"]["model"] = "Some Other CPU @ 9.9GHz"
     manifest_path.write_text(json.dumps(m))
     with pytest.raises(SnapshotIncompatibleError, match="Some Other CPU"):
-        store.restore(snap.id)
+        running.restore(store, snap.id)
     assert snap.broken_reason() is None, "a snapshot from another host is not broken, only elsewhere"
 
 
@@ -212,15 +217,16 @@ def test_dump_interrupted_half_way_publishes_nothing(store: SnapshotStore, runni
     assert not list(store.root.glob(".tmp-*")), "the partial dump was left behind"
 
 
-def test_partial_dump_of_a_crashed_worker_is_cleaned_up(tmp_path: Path) -> None:
+def test_partial_dump_of_a_crashed_worker_is_cleaned_up(tmp_path: Path, engine_image: EngineImage) -> None:
     """A worker killed mid-dump leaves a temporary directory; the next store opened there removes it."""
     root = tmp_path / "snaps"
     script = f"""
 import sys
 sys.path[:0] = {sys.path!r}
-from conftest import Running
+from pathlib import Path
+from conftest import EngineImage, Running
 from warmboot.worker.snapshot import SnapshotStore
-r = Running()
+r = Running(EngineImage.from_json({engine_image.to_json()!r}), Path({str(tmp_path / "containers")!r}))
 c = r.start_stateful("--fill-mb", "400")
 print("dumping", flush=True)
 SnapshotStore({str(root)!r}).checkpoint(c, snapshot_id="crashed")
@@ -247,10 +253,154 @@ SnapshotStore({str(root)!r}).checkpoint(c, snapshot_id="crashed")
 def test_corruption_after_a_good_restore_is_still_refused(store: SnapshotStore, running: Running) -> None:
     """Checksums are verified once per file version: a later write to an image is caught on the next restore."""
     snap = store.checkpoint(running.start_stateful())
-    running.add(store.restore(snap))  # verified and restored
+    running.restore(store, snap)  # verified and restored
     pages = next(p for p in snap.path.iterdir() if p.name.startswith("pages-"))
     data = bytearray(pages.read_bytes())
     data[len(data) // 3] ^= 0x01
     pages.write_bytes(bytes(data))
     with pytest.raises(SnapshotCorruptError, match=pages.name):
-        store.restore(snap)
+        running.restore(store, snap)
+
+
+# ----- the container design: its own mount tree, its own writable layer, its sandbox kept by a restore -----
+
+
+def _host_mount_points() -> set[str]:
+    with open("/proc/self/mountinfo") as f:
+        return {line.split()[4] for line in f}
+
+
+def _mount(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{' '.join(argv)}: {proc.stderr.strip()}"
+
+
+@pytest.fixture
+def extra_host_mount(tmp_path: Path) -> Iterator[Path]:
+    """A loop-mounted ext4 on the host: before containers had their own mount tree, it made every dump fail."""
+    image, target = tmp_path / "extra.ext4", tmp_path / "extra"
+    target.mkdir()
+    _mount(["truncate", "-s", "16M", str(image)])
+    _mount(["mkfs.ext4", "-q", str(image)])
+    _mount(["mount", "-o", "loop", str(image), str(target)])  # the loop device is freed on unmount
+    yield target
+    _mount(["umount", str(target)])
+
+
+@pytest.fixture
+def tmpfs_home(tmp_path: Path) -> Iterator[Path]:
+    """A directory on a tmpfs of its own (a home on tmpfs used to fail every snapshot)."""
+    target = tmp_path / "tmpfs-home"
+    target.mkdir()
+    _mount(["mount", "-t", "tmpfs", "-o", "size=512m,mode=0700", "tmpfs", str(target)])
+    yield target
+    _mount(["umount", str(target)])
+
+
+def test_snapshots_work_with_an_extra_filesystem_mounted_on_the_host(
+    extra_host_mount: Path, store: SnapshotStore, running: Running
+) -> None:
+    assert str(extra_host_mount) in _host_mount_points()
+    volume = extra_host_mount / "volume"  # a volume on that filesystem too: CRIU binds it back as external
+    volume.mkdir()
+    (volume / "note.txt").write_text("at dump time")
+    original = running.start_stateful("--dict-size", "20000", mounts=(containers.BindMount(str(volume), "/data"),))
+    before = ask(original, "x")
+    snap = store.checkpoint(original, leave_running=True)
+
+    (volume / "note.txt").write_text("after the dump")  # a volume shows the host directory as it is now
+    for c in (running.restore(store, snap), running.restore(store, snap)):
+        assert ask(c, "x")["dict_digest"] == before["dict_digest"]
+        assert ask(c, "read /data/note.txt")["result"] == "after the dump"
+        assert ask(c, "write /data/from-copy.txt hello")["result"] is True
+        assert (volume / "from-copy.txt").read_text() == "hello", "a volume is the host directory, not a copy"
+        mounts = [m for m, _ in ask(c, "mounts")["result"]]
+        assert "/data" in mounts
+        assert str(extra_host_mount) not in mounts
+    assert ask(original, "x")["dict_digest"] == before["dict_digest"]
+
+
+def test_snapshot_store_and_run_dirs_on_a_tmpfs_of_their_own(tmpfs_home: Path, engine_image: EngineImage) -> None:
+    store = SnapshotStore(tmpfs_home / "snapshots")
+    running = Running(engine_image, tmpfs_home / "containers")
+    try:
+        original = running.start_stateful("--dict-size", "20000")
+        ask(original, "write /root/kept.txt on-tmpfs")
+        before = ask(original, "x")
+        snap = store.checkpoint(original)
+        original.wait(timeout=10)
+        for c in (running.restore(store, snap), running.restore(store, snap)):
+            assert ask(c, "x")["dict_digest"] == before["dict_digest"]
+            assert ask(c, "read /root/kept.txt")["result"] == "on-tmpfs"
+            assert c.run_dir is not None and c.run_dir.is_relative_to(tmpfs_home)
+    finally:
+        for c in running.all:  # before the tmpfs is unmounted
+            with contextlib.suppress(OSError, TimeoutError):
+                c.kill(timeout=10)
+
+
+def test_each_restored_copy_has_its_own_writable_layer(store: SnapshotStore, running: Running) -> None:
+    original = running.start_stateful()
+    assert ask(original, "write /root/before.txt written-before-the-dump")["result"] is True
+    assert ask(original, "remove /etc/debian_version")["result"] is True  # a whiteout in the writable layer
+    snap = store.checkpoint(original, leave_running=True)
+    assert ask(original, "write /root/late.txt after-the-dump")["result"] is True
+
+    a, b = running.restore(store, snap), running.restore(store, snap)
+    for c in (a, b):
+        assert ask(c, "read /root/before.txt")["result"] == "written-before-the-dump"
+        assert ask(c, "exists /etc/debian_version")["result"] is False, "a deleted image file came back"
+        assert ask(c, "exists /root/late.txt")["result"] is False, "a copy saw the original's later write"
+
+    ask(a, "write /root/before.txt changed-by-a")
+    ask(a, "write /root/only-a.txt a")
+    assert ask(a, "read /root/before.txt")["result"] == "changed-by-a"
+    assert ask(b, "read /root/before.txt")["result"] == "written-before-the-dump"
+    assert ask(b, "exists /root/only-a.txt")["result"] is False
+    assert ask(original, "read /root/before.txt")["result"] == "written-before-the-dump"
+    assert ask(original, "exists /root/only-a.txt")["result"] is False
+
+    # The copy's writes land in its own run directory on the host, which goes when the copy ends.
+    assert a.run_dir is not None and (a.run_dir / "upper" / "root" / "only-a.txt").read_text() == "a"
+    a.kill()
+    assert not a.run_dir.exists()
+    assert ask(b, "read /root/before.txt")["result"] == "written-before-the-dump"
+
+
+def test_restored_copies_keep_no_new_privs_seccomp_and_reduced_capabilities(
+    store: SnapshotStore, running: Running
+) -> None:
+    original = running.start_stateful()
+    snap = store.checkpoint(original, leave_running=True)
+    allowed = capabilities.mask()
+    forbidden = capabilities.mask(capabilities.FORBIDDEN + capabilities.DROPPED_FROM_DOCKER)
+    copies = [running.restore(store, snap), running.restore(store, snap)]
+    for label, c in (("original", original), ("copy 1", copies[0]), ("copy 2", copies[1])):
+        status = ask(c, "status")["result"]
+        assert status["NoNewPrivs"] == "1", (label, status)
+        assert status["Seccomp"] == "2", (label, status)  # 2: a filter is loaded
+        for mask in ("CapEff", "CapPrm", "CapBnd"):
+            assert int(status[mask], 16) == allowed, (label, mask, status)
+            assert int(status[mask], 16) & forbidden == 0, (label, mask, status)
+
+
+def test_container_sees_no_host_file_and_no_host_mount(tmp_path: Path, store: SnapshotStore, running: Running) -> None:
+    secret = tmp_path / "host-secret.txt"
+    secret.write_text("the host's")
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    original = running.start_stateful(mounts=(containers.BindMount(str(volume), "/data"),))
+    snap = store.checkpoint(original, leave_running=True)
+    copy = running.restore(store, snap)
+
+    allowed = {"/", "/proc", "/sys", "/tmp", "/dev/shm", "/data"} | {f"/proc/{p}" for p in containers.READ_ONLY_PROC}
+    host_only = _host_mount_points() - allowed
+    assert host_only, "the host has mounts of its own to look for"
+    for label, c in (("original", original), ("copy", copy)):
+        assert c.run_dir is not None
+        for path in (secret, tmp_path, store.root, c.run_dir, Path(sys.executable)):
+            assert ask(c, f"exists {path}")["result"] is False, f"{label} sees the host's {path}"
+        mounts = dict(ask(c, "mounts")["result"])
+        assert set(mounts) <= allowed, f"{label} has mounts beyond its own: {set(mounts) - allowed}"
+        assert not host_only & set(mounts)
+        assert mounts["/"] == "overlay", f"{label}'s root is {mounts['/']}"

@@ -1,7 +1,15 @@
 """A process with state worth snapshotting, used by the engine tests.
 
 Builds a dict (and optionally maps a file), says ``ready`` on its control-out pipe (fd 4), then answers
-each line on its control-in pipe (fd 3) with a JSON line describing the state it holds.
+each line on its control-in pipe (fd 3) with a JSON line describing the state it holds. A line that starts
+with one of the commands below also runs it, and its outcome is the reply's ``result``:
+
+    status              NoNewPrivs, Seccomp and the capability masks from /proc/self/status
+    mounts              the mount points of its mount namespace (/proc/self/mountinfo)
+    exists PATH         whether PATH exists, as the container sees it
+    read PATH           PATH's text, or null when it does not exist
+    write PATH TEXT     write TEXT to PATH (the directories above it must exist)
+    remove PATH         delete the file PATH
 """
 
 import argparse
@@ -23,6 +31,42 @@ if opts.map:
         mapped = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 ballast = bytearray(os.urandom(1024)) * (opts.fill_mb * 1024) if opts.fill_mb else b""
 
+
+def status():
+    fields = ("NoNewPrivs", "Seccomp", "CapEff", "CapPrm", "CapBnd")
+    with open("/proc/self/status") as f:
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in f) if k in fields}
+
+
+def mounts():
+    """``[mount point, filesystem type]`` of each mount (mountinfo: fields, then `` - TYPE SOURCE OPTIONS``)."""
+    with open("/proc/self/mountinfo") as f:
+        return [[line.split()[4], line.split(" - ", 1)[1].split()[0]] for line in f]
+
+
+def read(path):
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def write(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    return True
+
+
+COMMANDS = {
+    "status": lambda: status(),
+    "mounts": lambda: mounts(),
+    "exists": lambda path: os.path.exists(path),
+    "read": read,
+    "write": write,
+    "remove": lambda path: os.unlink(path) or True,
+}
+
 control_in = os.fdopen(3, "rb", buffering=0)
 control_out = os.fdopen(4, "wb", buffering=0)
 control_out.write(b"ready\n")
@@ -39,4 +83,10 @@ for line in control_in:
         "mapped_head": mapped[:16].decode(errors="replace") if mapped is not None else None,
         "ballast_len": len(ballast),
     }
+    name, *args = request.split(" ", 2)
+    if name in COMMANDS:
+        try:
+            reply["result"] = COMMANDS[name](*args)
+        except OSError as exc:
+            reply["error"] = f"{type(exc).__name__}: {exc}"
     control_out.write(json.dumps(reply).encode() + b"\n")
