@@ -205,6 +205,30 @@ def test_python_layer_adds_python_to_a_pythonless_base(registry_base_image: Base
     assert hello == "hello from the base"
 
 
+@pytest.mark.parametrize(
+    ("ref", "normalized", "loopback"),
+    [
+        ("debian", "docker.io/library/debian:latest", False),
+        ("python:3.11-slim", "docker.io/library/python:3.11-slim", False),
+        ("nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04", "nvcr.io/nvidia/cuda:12.4.1-base-ubuntu22.04", False),
+        ("127.0.0.1:5000/test/base:1", "127.0.0.1:5000/test/base:1", True),
+        ("localhost:5000/base", "localhost:5000/base:latest", True),
+        ("[::1]:5000/base:2", "[::1]:5000/base:2", True),
+        ("127.0.0.1.example.com/base", "127.0.0.1.example.com/base:latest", False),
+        ("ghcr.io/a/b@sha256:" + "a" * 64, "ghcr.io/a/b@sha256:" + "a" * 64, False),
+    ],
+)
+def test_image_refs_are_normalized_like_docker(ref: str, normalized: str, loopback: bool) -> None:
+    parsed = ImageRef.parse(ref)
+    assert str(parsed) == normalized and parsed.is_loopback is loopback
+
+
+@pytest.mark.parametrize("ref", ["", "Debian:1", "a b", "debian@sha256:short", "debian:-tag"])
+def test_bad_image_refs_are_refused(ref: str) -> None:
+    with pytest.raises(InvalidOptionError):
+        ImageRef.parse(ref)
+
+
 def test_unknown_python_version_lists_the_available_ones(tmp_path: Path) -> None:
     with pytest.raises(InvalidOptionError) as e:
         python_layer("2.7", root=tmp_path, progress=lambda _line: None)

@@ -214,14 +214,16 @@ class Layout:
     """An OCI image layout directory: ``oci-layout``, ``index.json`` and ``blobs/sha256/``.
 
     Writers of ``index.json`` (this class and skopeo, through :func:`pull_base`) hold an exclusive ``flock`` on
-    ``<path>.lock``; readers hold it shared. Blobs are written to a temporary name and renamed to their digest, so
-    a blob that exists is complete. The cache of :meth:`write_layer` lives beside the layout in ``<path>.cache/``,
+    ``<path>.index-lock``, readers a shared one; an ``flock`` belongs to one open file, so callers must not hold
+    a lock on that same file around these calls (they would wait on themselves). Blobs are written to a temporary
+    name and renamed to their digest, so a blob that exists is complete, and concurrent writers of one blob are
+    harmless. The cache of :meth:`write_layer` lives beside the layout in ``<path>.cache/``,
     keeping the layout itself exactly what the OCI spec describes.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.lock_path = self.path.with_name(self.path.name + ".lock")
+        self.lock_path = self.path.with_name(self.path.name + ".index-lock")
         self.cache_dir = self.path.with_name(self.path.name + ".cache")
 
     def __repr__(self) -> str:
@@ -899,9 +901,9 @@ class ImageRef:
             )
         if tag is not None and not re.fullmatch(r"[\w][\w.-]{0,127}", tag):
             raise InvalidOptionError(f"{ref!r}: {tag!r} is not a valid tag")
-        if digest:
-            _hex(digest)
-        elif tag is None:
+        if digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
+            raise InvalidOptionError(f"{ref!r}: {digest!r} is not a sha256 digest (sha256:<64 hex digits>)")
+        if not digest and tag is None:
             tag = "latest"
         return cls(registry=registry, repository=path, tag=tag, digest=digest or None)
 
@@ -997,7 +999,9 @@ def pull_base(ref: str, *, root: Path, progress: Progress) -> PulledBase:
         argv = [skopeo, "copy", "--quiet=false", "--retry-times", "2"]
         if parsed.is_loopback:
             argv.append("--src-tls-verify=false")
-        argv += [f"docker://{parsed}", f"oci:{layout.path}:{name}"]
+        # docker:// takes a tag or a digest, not both: a digest pins the image, so it wins.
+        source = parsed.pinned(parsed.digest) if parsed.digest else str(parsed)
+        argv += [f"docker://{source}", f"oci:{layout.path}:{name}"]
         progress(f"[pull] {ref}")
         with layout.lock():  # skopeo rewrites index.json
             rc, tail = _run_streaming(argv, progress, "[pull] ")
