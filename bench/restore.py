@@ -3,6 +3,10 @@
 Usage: ``.venv/bin/python bench/restore.py [--runs N] [--json PATH] [--workload NAME ...]`` (as root;
 CRIU must be installed, see ``make setup``).
 
+Each workload runs in a real container on an image built by the images package (``debian_slim``, plus
+``pip_install("numpy")`` for the numpy one), with the runtime layer on top, as a function's container is.
+Images are cached under ``--images`` (default /var/tmp/warmboot-bench-images), so only the first run builds.
+
 For each workload the child process does its init, then loops: read a request line on its control-in pipe
 (fd 3), write a reply line on its control-out pipe (fd 4). The reply echoes the request's token, the random
 nonce the process drew at init and a value computed from its state (for numpy: the sum of the whole array),
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import select
@@ -34,8 +39,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from warmboot.sdk.image import Image
 from warmboot.worker import container as containers
-from warmboot.worker import host
+from warmboot.worker import host, runtime_lib
+from warmboot.worker.images import build_image
+from warmboot.worker.sandbox import capabilities
 from warmboot.worker.snapshot import SnapshotStore
 
 MIN_RUNS = 5
@@ -75,22 +83,57 @@ for line in cin:
 @dataclass(frozen=True)
 class Workload:
     name: str
-    argv: list[str]
+    image: Callable[[], Image]
+    python_args: list[str]  #: the interpreter's arguments (the interpreter is the image's)
     expected_value: int
 
 
 WORKLOADS = {
     w.name: w
     for w in (
-        Workload("trivial", [sys.executable, "-S", "-c", TRIVIAL_CHILD], sum(i * i for i in range(1000))),
-        # No -S: numpy lives in the virtualenv's site-packages.
+        Workload("trivial", Image.debian_slim, ["-S", "-c", TRIVIAL_CHILD], sum(i * i for i in range(1000))),
+        # No -S: numpy lives in the image's site-packages.
         Workload(
             f"numpy-{NUMPY_MIB}MB",
-            [sys.executable, "-c", NUMPY_CHILD],
+            lambda: Image.debian_slim().pip_install("numpy"),
+            ["-c", NUMPY_CHILD],
             NUMPY_ELEMENTS * (NUMPY_ELEMENTS - 1) // 2,
         ),
     )
 }
+
+
+@dataclass
+class Rootfs:
+    """Where a workload's containers run: its image's layers with the runtime layer on top, and run dirs."""
+
+    layers: tuple[Path, ...]
+    python: str
+    env: dict[str, str]
+    run_root: Path
+    _serial: Iterator[int] = field(default_factory=itertools.count)
+
+    def spec(self, workload: Workload) -> containers.ContainerSpec:
+        return containers.ContainerSpec(
+            argv=[self.python, *workload.python_args],
+            layers=self.layers,
+            run_dir=self.next_run_dir(),
+            env=self.env,
+            cwd="/root",
+            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
+        )
+
+    def next_run_dir(self) -> Path:
+        return self.run_root / f"c{next(self._serial)}"
+
+
+def build_rootfs(workload: Workload, images_root: Path, run_root: Path, log: Callable[[str], None]) -> Rootfs:
+    """Build (or find cached) the workload's image; its containers get the runtime layer on top, as functions do."""
+    t0 = time.perf_counter()
+    built = build_image(workload.image().to_spec(), root=images_root, progress=lambda line: log(f"  {line}"))
+    log(f"{workload.name}: image {built.digest[:12]} ready in {time.perf_counter() - t0:.1f} s")
+    runtime = runtime_lib.ensure(images_root / "home")
+    return Rootfs((*built.layers, runtime), built.python, dict(built.env), run_root)
 
 
 class BenchError(RuntimeError):
@@ -187,20 +230,14 @@ def _killed_after(c: containers.Container) -> Iterator[containers.Container]:
         c.kill()
 
 
-def _spec(workload: Workload) -> containers.ContainerSpec:
-    return containers.ContainerSpec(
-        argv=workload.argv,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        private_tmp=False,  # the checkout's .venv (numpy) may live under /tmp, which a private /tmp hides
-    )
-
-
-def bench_workload(workload: Workload, runs: int, store: SnapshotStore, log: Callable[[str], None]) -> Result:
+def bench_workload(
+    workload: Workload, rootfs: Rootfs, runs: int, store: SnapshotStore, log: Callable[[str], None]
+) -> Result:
     result = Result(workload.name, runs)
 
     # The snapshot: cold start, answer one request, dump (CRIU kills the container once dumped).
     t0 = time.perf_counter()
-    source = containers.start(_spec(workload))
+    source = containers.start(rootfs.spec(workload))
     with _killed_after(source):
         snap_reply = _request(source, "ready", workload)
         result.first_cold_ms = (time.perf_counter() - t0) * 1e3
@@ -218,7 +255,7 @@ def bench_workload(workload: Workload, runs: int, store: SnapshotStore, log: Cal
     cold_nonces = set()
     for i in range(runs):
         t0 = time.perf_counter()
-        c = containers.start(_spec(workload))
+        c = containers.start(rootfs.spec(workload))
         started = time.perf_counter()
         with _killed_after(c):
             reply = _request(c, f"cold-{i}", workload)
@@ -231,7 +268,7 @@ def bench_workload(workload: Workload, runs: int, store: SnapshotStore, log: Cal
         result.handler_cold_ms.append(reply.handler_us / 1e3)
 
         t0 = time.perf_counter()
-        r = store.restore(snap)
+        r = store.restore(snap, rootfs.next_run_dir())
         restored = time.perf_counter()
         with _killed_after(r):
             reply = _request(r, f"restore-{i}", workload, nonce=snap_reply.nonce)
@@ -374,6 +411,12 @@ def main(argv: list[str] | None = None) -> int:
         "--workload", action="append", choices=sorted(WORKLOADS), help="only this workload (repeatable)"
     )
     parser.add_argument("--quiet", action="store_true", help="no per-run progress on stderr")
+    parser.add_argument(
+        "--images",
+        type=Path,
+        default=Path("/var/tmp/warmboot-bench-images"),
+        help="where images are built and cached (default: %(default)s)",
+    )
     opts = parser.parse_args(argv)
     if opts.runs < MIN_RUNS:
         parser.error(f"--runs must be at least {MIN_RUNS}")
@@ -386,12 +429,15 @@ def main(argv: list[str] | None = None) -> int:
 
     names = opts.workload or list(WORKLOADS)
     tmp_root = "/var/tmp" if os.path.isdir("/var/tmp") else None
-    store_dir = tempfile.mkdtemp(prefix="warmboot-bench-", dir=tmp_root)
+    work = Path(tempfile.mkdtemp(prefix="warmboot-bench-", dir=tmp_root))
     try:
-        store = SnapshotStore(Path(store_dir))
-        results = [bench_workload(WORKLOADS[name], opts.runs, store, log) for name in names]
+        store = SnapshotStore(work / "snapshots")
+        results = []
+        for name in names:
+            rootfs = build_rootfs(WORKLOADS[name], opts.images, work / "containers", log)
+            results.append(bench_workload(WORKLOADS[name], rootfs, opts.runs, store, log))
     finally:
-        shutil.rmtree(store_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
 
     _print_table(results, opts.runs)
     _print_breakdown(results)
