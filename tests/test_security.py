@@ -458,6 +458,41 @@ def fork_bomb(cap, comm, ready_file, release_file):
     return escapes.fork_until_failure(cap, comm, ready_file, release_file)
 
 
+class _Trap:
+    # Unpickling this runs code: it appends the unpickling process's PID and argv to a file on its host.
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        code = (
+            f"import os; f = open({{self.path!r}}, 'a'); "
+            "argv = open('/proc/self/cmdline').read().replace(chr(0), ' ').replace(chr(10), ' '); "
+            "f.write(str(os.getpid()) + ' ' + argv + chr(10)); "
+            "f.close()"
+        )
+        return (exec, (code,))
+
+
+class TrapError(Exception):
+    def __reduce__(self):
+        return _Trap(self.args[0]).__reduce__()
+
+
+@app.function()
+def booby_trapped(path, how):
+    if how == "raise":
+        raise TrapError(path)
+    return _Trap(path)
+
+
+@app.function()
+def forge_control_frame():
+    # A frame header claiming 16 bytes of JSON, then 16 bytes that are not JSON, straight onto fd 4.
+    os.write(4, (16).to_bytes(4, "big") + (0).to_bytes(4, "big") + b"this is not json")
+    return "forged"
+
+
 @app.function(memory=256)
 def hog(mib):
     chunks = [b"x" * (1 << 20) for _ in range(mib)]  # written, so really resident
@@ -523,6 +558,41 @@ def test_escape_fails_in_a_container(
                 os.unlink(path)
         if world.canary.read_bytes() != canary_before:
             world.canary.write_bytes(canary_before)
+
+
+# ----- the control plane: container bytes are unpickled only by the caller ----------------------------------
+
+
+@pytest.mark.parametrize("how", ["return", "raise"])
+def test_container_bytes_are_unpickled_only_in_the_calling_process(platform: Platform, apps: Apps, how: str) -> None:
+    trap = Path(f"/var/tmp/wbsec-unpickled-{uuid.uuid4().hex[:12]}")
+    marker = f"caller-{uuid.uuid4().hex[:12]}"
+    try:
+        platform.python(
+            f"""
+            # {marker}
+            import warmboot
+            try:
+                warmboot.Function.from_name({apps.main!r}, "booby_trapped").remote({str(trap)!r}, {how!r})
+            except BaseException as exc:
+                print("raised", type(exc).__name__)
+            """,
+        )
+        lines = trap.read_text().splitlines() if trap.exists() else []
+    finally:
+        trap.unlink(missing_ok=True)
+    assert lines, "the caller unpickles the result (Modal's semantics): the trap must have run there"
+    assert all(marker in line for line in lines), f"container bytes were unpickled outside the caller: {lines}"
+    assert platform.server is not None
+    assert not any(line.split()[0] == str(platform.server.pid) for line in lines)
+
+
+def test_a_forged_control_frame_stops_only_that_container(platform: Platform, apps: Apps) -> None:
+    outcome = call_outcome(platform, apps.main, "forge_control_frame")
+    assert outcome["ok"] is False, f"a container writing a malformed frame must not get a result through: {outcome}"
+    assert "malformed control message" in outcome["message"], outcome
+    assert isinstance(call(platform, apps.main, "ping", timeout=120), str), "the server keeps serving"
+    assert "Server running" in platform.cli("server", "status").stdout
 
 
 # ----- the filesystem a function sees --------------------------------------------------------------------------
