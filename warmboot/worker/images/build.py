@@ -698,7 +698,7 @@ def _mounts_of(step: dict[str, Any]) -> list[LocalMount]:
     ignore = tuple(step.get("ignore", ()))
     if op == "add_local_python_source":
         mounts = []
-        for name, path in sorted(step["modules"].items()):
+        for name, path in step["modules"].items():
             rel = "/".join(name.split("."))
             remote = f"{PYTHON_SOURCE_ROOT}/{rel}" + (".py" if Path(path).is_file() else "")
             mounts.append(LocalMount(path, remote, ignore))
