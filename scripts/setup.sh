@@ -37,6 +37,15 @@ if [ ${#need_oci[@]} -gt 0 ]; then
   fi
 fi
 
+# Image builds: mmdebstrap bootstraps debian_slim bases from Debian's packages; bubblewrap is the build sandbox.
+need_images=()
+command -v mmdebstrap >/dev/null || need_images+=(mmdebstrap)
+command -v bwrap >/dev/null || need_images+=(bubblewrap)
+if [ ${#need_images[@]} -gt 0 ]; then
+  echo "[setup] installing ${need_images[*]} from apt (image builds)" >&2
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_images[@]}" >/dev/null
+fi
+
 bash scripts/install-criu.sh
 bash scripts/build-init.sh  # the static PID 1 of function containers (warmboot/worker/sandbox/init.c)
 
