@@ -19,11 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import registry_helpers
+from registry_helpers import BaseImage
 
 from warmboot.errors import ImageBuildError, InvalidOptionError
 from warmboot.sdk.image import Image
 from warmboot.worker import images
 from warmboot.worker.images import build, debian, oci, sandbox
+
+# The session's loopback registry and its Python-less busybox image (shared with test_registry.py).
+registry = registry_helpers.registry
+registry_base_image = registry_helpers.registry_base_image
 
 PY = "3.11"  # bookworm's Python, the same minor as this test process (run_function needs that)
 
@@ -342,3 +348,21 @@ def test_sandbox_whiteout_detection(tmp_path: Path) -> None:
     assert sandbox._exists_in([lower], "etc/pip")
     assert not sandbox._exists_in([lower, upper], "etc/pip")
     assert not sandbox._exists_in([lower, upper], "etc/pip/pip.conf")
+
+
+def test_registry_base_with_and_without_add_python(registry_base_image: BaseImage, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    bare = images.build_image(Image.from_registry(registry_base_image.ref).to_spec(), root=root)
+    assert bare.python == "python3" and bare.env["BASE"] == "1" and bare.workdir == "/root"
+
+    script = 'python -c \'import sys; open("/py.txt", "w").write("%d.%d" % sys.version_info[:2])\''
+    spec = Image.from_registry(registry_base_image.ref, add_python=PY).run_commands(script).to_spec()
+    lines: list[str] = []
+    image = images.build_image(spec, root=root, progress=lines.append)
+    assert f"[1/2] FROM {registry_base_image.ref} + Python {PY}" in lines
+    assert image.python == "/usr/local/bin/python" and image.env["PATH"].split(":")[0] == "/usr/local/bin"
+    assert image.layers[: len(bare.layers)] == bare.layers and len(image.layers) == len(bare.layers) + 2
+    assert (image.layers[-1] / "py.txt").read_text() == PY
+    out = run_in_image(image.layers, tmp_path / "run", "import os; print(open('/etc/hello').read().strip())",
+                       env=image.env, cwd=image.workdir)  # fmt: skip
+    assert out.strip() == "hello from the base"
