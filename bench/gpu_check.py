@@ -11,6 +11,12 @@ mount problem of the machine is told apart from a CUDA one.
     python bench/gpu_check.py             # on a GPU machine (see bench/gpu_check.sh)
     python bench/gpu_check.py --dry-run   # here: the CPU-only round trip, every CUDA step skipped
 
+The containers are function containers: an image's layers, the host driver's layer (gpus.driver_layer, as the
+server gives GPU functions) and the runtime layer. The images are built by the images package (the CPU child on
+``debian_slim``, the GPU child on ``debian_slim().pip_install("torch")``), which needs Debian and PyPI mirrors;
+on a machine that has none, pass a prebuilt root filesystem with ``--layer DIR`` (repeatable, bottom first)
+and ``--python`` (its interpreter, as a path inside it).
+
 Every step prints what it does; CRIU's error lines and log tail are printed on failure; a watchdog ends
 the run (with tracebacks) before the device call's limit. Output is copied to $OUT/gpu_check.log.
 """
@@ -20,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import faulthandler
-import glob
 import json
 import os
 import select
@@ -35,8 +40,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from warmboot.errors import CheckpointError, SnapshotError, WarmbootError
+from warmboot.sdk.image import Image
 from warmboot.worker import container as containers
-from warmboot.worker import criu, cuda_checkpoint, gpus
+from warmboot.worker import criu, cuda_checkpoint, gpus, runtime_lib
+from warmboot.worker.images import build_image
+from warmboot.worker.sandbox import capabilities
 from warmboot.worker.snapshot import SnapshotStore
 
 OUT = Path(os.environ.get("OUT") or "/tmp/gpu_check_out")
@@ -142,22 +150,33 @@ def report_error(exc: BaseException, label: str) -> None:
         traceback.print_exception(exc)
 
 
-def libcuda_dirs() -> list[str]:
-    """Folders holding the driver's libcuda.so.1, so the child finds it (torch dlopens it by soname)."""
-    found = []
-    for pattern in (
-        "/usr/local/nvidia/lib64/libcuda.so.1",
-        "/usr/local/nvidia/lib/libcuda.so.1",
-        "/usr/lib/x86_64-linux-gnu/libcuda.so.1",
-        "/usr/lib64/libcuda.so.1",
-        "/usr/local/cuda/compat/libcuda.so.1",
-    ):
-        for hit in glob.glob(pattern):
-            found.append(os.path.dirname(hit))
-    for line in sh("ldconfig -p | grep 'libcuda.so.1 '").splitlines():
-        if "=>" in line:
-            found.append(os.path.dirname(line.split("=>")[1].strip()))
-    return list(dict.fromkeys(found))
+class Rootfs:
+    """A container's root filesystem (layers bottom first, the runtime layer on top) and its run directories."""
+
+    def __init__(self, layers: tuple[Path, ...], python: str, env: dict[str, str], work: Path):
+        self.layers, self.python, self.env, self.work = layers, python, env, work
+        self.serial = 0
+
+    def run_dir(self) -> Path:
+        self.serial += 1
+        return self.work / "containers" / f"c{self.serial}"
+
+
+def rootfs(kind: str, args: argparse.Namespace, work: Path) -> Rootfs:
+    """The image for ``kind`` ("cpu" or "gpu"): ``--layer`` if given, else built; GPU: plus the driver's layer."""
+    if args.layer:
+        layers, python, env = tuple(Path(p) for p in args.layer), args.python, {"PATH": os.environ["PATH"]}
+    else:
+        image = Image.debian_slim() if kind == "cpu" else Image.debian_slim().pip_install("torch")
+        say(f"[{kind}] building (or finding cached) the image under {args.images}")
+        built = build_image(image.to_spec(), root=Path(args.images), progress=lambda line: print(f"  {line}"))
+        layers, python, env = tuple(built.layers), built.python, dict(built.env)
+    if kind == "gpu":
+        # The host driver's user-space libraries, as the server gives a GPU function (daemon.RunningApp).
+        version = cuda_checkpoint.driver_version() or "unknown"
+        layers = (*layers, gpus.driver_layer(work / "drivers", version))
+        env = {**env, **gpus.DRIVER_ENV}
+    return Rootfs((*layers, runtime_lib.ensure(work / "home")), python, env, work)
 
 
 class Box:
@@ -232,27 +251,26 @@ def round_trip(kind: str, args: argparse.Namespace, store: SnapshotStore, work: 
     """Cold start, checkpoint (CUDA suspended around it for GPU), restore copies; return the results."""
     gpu = kind == "gpu"
     res: dict[str, Any] = {"kind": kind, "ok": False}
-    env = dict(os.environ)
-    env.pop("PYTHONPATH", None)  # the child needs nothing of ours
-    env["PYTHONUNBUFFERED"] = "1"
-    env["GPU_CHECK_MB"] = str(args.gpu_mb)
-    devices: tuple[str, ...] = ()
-    if gpu:
-        inv = gpus.inventory()
-        devices = inv.nodes()
-        env.update(inv.visible_env())
-        dirs = libcuda_dirs()
-        env["LD_LIBRARY_PATH"] = ":".join([*dirs, *filter(None, env.get("LD_LIBRARY_PATH", "").split(":"))])
-        say(f"[{kind}] device nodes {list(devices)}; libcuda in {dirs}; LD_LIBRARY_PATH={env['LD_LIBRARY_PATH']}")
-    spec = containers.ContainerSpec(
-        argv=[args.python, "-c", GPU_CHILD if gpu else CPU_CHILD],
-        env=env,
-        private_dev=True,
-        devices=devices,
-    )
     boxes: list[Box] = []
     try:
-        say(f"[{kind}] starting container: {args.python} -c <child>")
+        fs = rootfs(kind, args, work)
+        env = {**fs.env, "PYTHONUNBUFFERED": "1", "GPU_CHECK_MB": str(args.gpu_mb)}
+        devices: tuple[str, ...] = ()
+        if gpu:
+            inv = gpus.inventory()
+            devices = inv.nodes()
+            env.update(inv.visible_env())
+            say(f"[{kind}] device nodes {list(devices)}; driver layer {fs.layers[-2]}; env {env}")
+        spec = containers.ContainerSpec(
+            argv=[fs.python, "-c", GPU_CHILD if gpu else CPU_CHILD],
+            layers=fs.layers,
+            run_dir=fs.run_dir(),
+            env=env,
+            cwd="/root",
+            devices=devices,
+            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
+        )
+        say(f"[{kind}] starting container: {fs.python} -c <child> on {len(fs.layers)} layers")
         t0 = time.monotonic()
         original = Box(containers.start(spec), f"{kind} original")
         boxes.append(original)
@@ -305,7 +323,7 @@ def round_trip(kind: str, args: argparse.Namespace, store: SnapshotStore, work: 
             say(f"[{kind}] restore {i + 1}/{args.restores}")
             t = time.monotonic()
             try:
-                copy_c = store.restore(snap)
+                copy_c = store.restore(snap, fs.run_dir())
             except SnapshotError as exc:
                 report_error(exc, "CRIU restore")
                 logs = sorted(store.root.joinpath(".logs").glob("restore-*.log"), key=os.path.getmtime)
@@ -374,7 +392,9 @@ def environment(args: argparse.Namespace) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="CPU round trip only; skip every CUDA step")
-    parser.add_argument("--python", default="/opt/torch/.venv/bin/python3", help="the child's interpreter")
+    parser.add_argument("--layer", action="append", help="a prebuilt root filesystem layer (repeatable, bottom first)")
+    parser.add_argument("--python", help="with --layer: the interpreter, as a path inside that root filesystem")
+    parser.add_argument("--images", default="/var/tmp/warmboot-gpu-check-images", help="where images are built")
     parser.add_argument("--gpu-mb", type=int, default=256, help="MB of ballast the child keeps on the GPU")
     parser.add_argument("--restores", type=int, default=2)
     parser.add_argument("--cold-timeout", type=float, default=120)
@@ -383,8 +403,9 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=260, help="seconds before the watchdog ends the run")
     parser.add_argument("--work", default="/var/tmp/warmboot-gpu-check")
     args = parser.parse_args()
-    if args.dry_run and not os.path.exists(args.python):
-        args.python = sys.executable
+    if bool(args.layer) != bool(args.python):
+        # bench/gpu_check.sh passed --python alone (a host venv's torch): a container no longer sees the host.
+        parser.error("--layer and --python go together: the child runs on a root filesystem, not on the host")
 
     OUT.mkdir(parents=True, exist_ok=True)
     log = open(OUT / "gpu_check.log", "w")  # noqa: SIM115
