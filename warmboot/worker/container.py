@@ -264,7 +264,9 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     steps.append(f"cd {root}")
     for m in spec.mounts:  # mount points were made in the writable layer by rootfs.prepare
         dst = shlex.quote("." + m.target)
-        steps.append(f"mount -o {'bind,ro' if m.read_only else 'bind'} {shlex.quote(m.source)} {dst}")
+        # nosuid, nodev: a file a function leaves in a volume never gains privileges through it.
+        options = "bind,nosuid,nodev" + (",ro" if m.read_only else "")
+        steps.append(f"mount -o {options} {shlex.quote(m.source)} {dst}")
     steps += [
         "mount -t proc -o nosuid,nodev,noexec proc proc",
         "mount -t sysfs -o ro,nosuid,nodev,noexec sysfs sys",
