@@ -25,7 +25,7 @@ from registry_helpers import BaseImage
 from warmboot.errors import ImageBuildError, InvalidOptionError
 from warmboot.sdk.image import Image
 from warmboot.worker import images
-from warmboot.worker.images import build, debian, oci, sandbox
+from warmboot.worker.images import build, debian, hostcfg, oci, sandbox
 
 # The session's loopback registry and its Python-less busybox image (shared with test_registry.py).
 registry = registry_helpers.registry
@@ -366,3 +366,47 @@ def test_registry_base_with_and_without_add_python(registry_base_image: BaseImag
     out = run_in_image(image.layers, tmp_path / "run", "import os; print(open('/etc/hello').read().strip())",
                        env=image.env, cwd=image.workdir)  # fmt: skip
     assert out.strip() == "hello from the base"
+
+
+def test_host_pip_settings_follow_pips_order(tmp_path: Path) -> None:
+    home, xdg = tmp_path / "home", tmp_path / "xdg"
+    (xdg / "pip").mkdir(parents=True)
+    (home / ".config" / "pip").mkdir(parents=True)
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("six<2\n")
+    (xdg / "pip" / "pip.conf").write_text(
+        f"[global]\nindex-url = https://global.invalid/simple\nconstraint = {constraints}\n"
+    )
+    (home / ".config" / "pip" / "pip.conf").write_text("[global]\nindex-url = https://user.invalid/simple\n")
+    environ = {
+        "HOME": str(home),
+        "XDG_CONFIG_DIRS": str(xdg),
+        "PIP_FIND_LINKS": f"{tmp_path} /nonexistent/wheels",
+        "PIP_EXTRA_INDEX_URL": f"file://{tmp_path}/pypi/simple",
+    }
+    (tmp_path / "pypi" / "simple").mkdir(parents=True)
+    config = hostcfg.load(environ)
+    assert config.pip["index-url"] == "https://user.invalid/simple"  # user files override global ones
+    assert config.pip_env()["PIP_CONSTRAINT"] == str(constraints)
+    # every local path the settings name is bound into builds (a file index with its parent: relative file links)
+    assert set(config.binds) >= {str(constraints), str(tmp_path), str(tmp_path / "pypi")}
+    assert "/nonexistent/wheels" not in config.binds
+    uv = config.uv_env()
+    assert uv["UV_INDEX_URL"] == "https://user.invalid/simple"
+    assert uv["UV_FIND_LINKS"] == f"{tmp_path},/nonexistent/wheels"
+    assert uv["UV_CONSTRAINT"] == str(constraints) and uv["UV_INDEX_STRATEGY"] == "unsafe-best-match"
+
+
+def test_step_env_and_secrets_reach_the_step_only(tmp_path: Path) -> None:
+    from warmboot.sdk.secret import Secret
+
+    secret = Secret.from_dict({"TOKEN": "s3cret"})
+    spec = Image.debian_slim(PY).run_commands("echo $TOKEN-$MODE > /t", env={"MODE": "fast"}, secrets=[secret])
+    image = images.build_image(spec.to_spec(), root=tmp_path / "root")
+    assert (image.layers[-1] / "t").read_text() == "s3cret-fast\n"
+    assert "TOKEN" not in image.env and "MODE" not in image.env  # build-time only
+    named = Image.debian_slim(PY).run_commands("true", secrets=[Secret.from_name("db")]).to_spec()
+    with pytest.raises(InvalidOptionError, match="named secrets"):
+        images.build_image(named, root=tmp_path / "root")
+    resolved = images.build_image(named, root=tmp_path / "root", secrets=lambda specs: {"DB": "x"})
+    assert len(resolved.layers) == 2
