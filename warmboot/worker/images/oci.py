@@ -625,23 +625,23 @@ class _Unpacker:
                     )
             self.known_dirs.add(key)
 
-    def clear(self, path: str, *, keep_dir: bool) -> bool:
-        """Remove what is at ``path`` (a later tar entry replaces an earlier one). True when a dir was kept."""
+    def clear(self, parts: Sequence[str], *, keep_dir: bool) -> bool:
+        """Remove what is at ``parts`` (a later tar entry replaces an earlier one). True when a dir was kept."""
+        path = self.path(parts)
         try:
             st = os.lstat(path)
         except FileNotFoundError:
             return False
-        if stat.S_ISDIR(st.st_mode):
-            if keep_dir:
-                return True
-            shutil.rmtree(path)
-        else:
+        if not stat.S_ISDIR(st.st_mode):
             os.unlink(path)
-        return False
-
-    def drop_known(self, parts: Sequence[str]) -> None:
+            return False
+        if keep_dir:
+            return True
+        shutil.rmtree(path)
+        # Forget the removed directories (rare: only when an entry replaces a directory, so the scan is cheap).
         prefix = tuple(parts)
         self.known_dirs = {k for k in self.known_dirs if k[: len(prefix)] != prefix}
+        return False
 
     def member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         parts = _safe_parts(m.name, self.blob)
@@ -661,19 +661,17 @@ class _Unpacker:
                 raise ImageBuildError(f"layer {self.blob.name}: malformed whiteout {m.name!r}")
             self.parent_ready(target_parts, create=True)
             path = self.path(target_parts)
-            self.clear(path, keep_dir=False)
-            self.drop_known(target_parts)
+            self.clear(target_parts, keep_dir=False)
             os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(0, 0))
             return
         self.parent_ready(parts, create=True)
         path = self.path(parts)
         if m.isdir():
-            if not self.clear(path, keep_dir=True):
+            if not self.clear(parts, keep_dir=True):
                 os.mkdir(path, 0o700)
             self.known_dirs.add(tuple(parts))
         else:
-            self.clear(path, keep_dir=False)
-            self.drop_known(parts)
+            self.clear(parts, keep_dir=False)
             if m.isreg():
                 src = tar.extractfile(m)
                 assert src is not None
@@ -726,7 +724,8 @@ class _Unpacker:
     def finish(self) -> None:
         # Directory mtimes last, deepest first: creating entries inside a directory changes its mtime.
         for path, mtime in sorted(self.dir_times, key=lambda t: t[0].count("/"), reverse=True):
-            os.utime(path, (mtime, mtime), follow_symlinks=False)
+            with contextlib.suppress(FileNotFoundError):  # replaced by a later entry
+                os.utime(path, (mtime, mtime), follow_symlinks=False)
 
 
 def unpack_layer(blob: Path, dest: Path, *, diff_id: str | None = None) -> None:
