@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import subprocess
 import textwrap
 import time
@@ -274,46 +273,44 @@ def test_randomness_after_restore(platform: Platform, reseed: bool) -> None:
 
 
 def test_open_connection_at_snapshot_point_refuses_snapshot(platform: Platform) -> None:
+    # The container has only its own loopback before the snapshot point, so the connection is to a server the
+    # container runs itself: still a live connection that no restored copy could carry on.
     app = _unique("snap-conn")
     label = f"{app}.Client"
-    listener = socket.create_server(("127.0.0.1", 0), backlog=16)
-    port = listener.getsockname()[1]
-    try:
-        path = _deploy(
-            platform,
-            app,
-            f"""
-            import os
-            import socket
+    path = _deploy(
+        platform,
+        app,
+        """
+        import os
+        import socket
 
-            @app.cls(enable_memory_snapshot=True)
-            class Client:
-                @modal.enter(snap=True)
-                def connect(self):
-                    self.conn = socket.create_connection(("127.0.0.1", {port}))
+        @app.cls(enable_memory_snapshot=True)
+        class Client:
+            @modal.enter(snap=True)
+            def connect(self):
+                self.listener = socket.create_server(("127.0.0.1", 0))
+                self.conn = socket.create_connection(self.listener.getsockname())
+                self.accepted, _ = self.listener.accept()
 
-                @modal.method()
-                def peer(self):
-                    return {{"port": self.conn.getpeername()[1], "container": os.environ["WARMBOOT_CONTAINER_ID"]}}
-            """,
-        )
-        first = _call(platform, app, "Client", "peer")
-        assert first["port"] == port
-        log = platform.log_text(app)
-        [refusal] = [line for line in log.splitlines() if f"No memory snapshot for {label}" in line]
-        assert f"127.0.0.1:{port}" in refusal and "@enter(snap=False)" in refusal, refusal
-        assert [r["state"] for r in _snapshot_rows(platform, label)] == ["refused"]
+            @modal.method()
+            def peer(self):
+                return {"port": self.conn.getpeername()[1], "container": os.environ["WARMBOOT_CONTAINER_ID"]}
+        """,
+    )
+    first = _call(platform, app, "Client", "peer")
+    log = platform.log_text(app)
+    [refusal] = [line for line in log.splitlines() if f"No memory snapshot for {label}" in line]
+    assert f"127.0.0.1:{first['port']}" in refusal and "@enter(snap=False)" in refusal, refusal
+    assert [r["state"] for r in _snapshot_rows(platform, label)] == ["refused"]
 
-        _new_cold_start(platform, app, path)
-        second = _call(platform, app, "Client", "peer")
-        assert second["port"] == port and second["container"] != first["container"]
-        assert f"Container {second['container']} started for {label} (cold boot" in platform.log_text(app)
-        assert _count(platform, app, "No memory snapshot for") == 1, "a refused key must not be tried again"
-        assert _count(platform, app, "Creating memory snapshot") == 0
-        assert _restored_ids(platform, label) == []
-        assert _snapshot_dirs(platform, app, "Client") == []
-    finally:
-        listener.close()
+    _new_cold_start(platform, app, path)
+    second = _call(platform, app, "Client", "peer")
+    assert second["container"] != first["container"]
+    assert f"Container {second['container']} started for {label} (cold boot" in platform.log_text(app)
+    assert _count(platform, app, "No memory snapshot for") == 1, "a refused key must not be tried again"
+    assert _count(platform, app, "Creating memory snapshot") == 0
+    assert _restored_ids(platform, label) == []
+    assert _snapshot_dirs(platform, app, "Client") == []
 
 
 def test_deleted_volume_file_discards_snapshot_and_recreates_at_most_once(platform: Platform) -> None:

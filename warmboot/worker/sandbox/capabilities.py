@@ -9,8 +9,8 @@ and what no function needs. Everything not in :data:`ALLOWED` is removed from th
 Docker's default set, and what we do with each:
 
 - ``chown``, ``dac_override``, ``fowner``, ``fsetid``: kept. Root owning and writing its own files (``pip`` and
-  ``apt`` in the image's writable layer, volumes). They act only on files the mount tree shows; the launcher
-  should mount volumes ``nosuid,nodev`` so a setuid file made here is inert on the host side too.
+  ``apt`` in the image's writable layer, volumes). They act only on files the mount tree shows; volumes are
+  mounted ``nosuid,nodev``, so a setuid file or device node made in one gains nothing inside a container.
 - ``kill``: kept. Signals reach only processes of the container's own PID namespace.
 - ``setuid``, ``setgid``: kept. Dropping to an unprivileged user (servers, ``su``) inside the container.
 - ``setpcap``: kept. Lets a program drop capabilities from its own bounding and inheritable sets; it cannot add
