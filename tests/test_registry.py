@@ -6,10 +6,12 @@ private mount namespace) and Debian's packages for ``add_python``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -203,6 +205,25 @@ def test_python_layer_adds_python_to_a_pythonless_base(registry_base_image: Base
     assert cafile == "/etc/ssl/certs/ca-certificates.crt"  # the bundle ca-certificates' script would have made
     assert pip_line.startswith("pip ") and "python 3.11" in pip_line
     assert hello == "hello from the base"
+
+
+def test_concurrent_image_writers_lose_no_index_entry(tmp_path: Path) -> None:
+    layer_dir = tmp_path / "layer"
+    (layer_dir / "etc").mkdir(parents=True)
+    (layer_dir / "etc/file").write_text("x\n")
+    layout = Layout(tmp_path / "oci")
+    desc = layout.write_layer(layer_dir)
+    names = [f"test/img{i}:{j}" for i in range(8) for j in range(6)]
+
+    def write(name: str) -> str:
+        return layout.write_image([desc], ImageConfig(env={"N": name}, workdir="/"), name)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        digests = dict(zip(names, pool.map(write, names), strict=True))
+    for name in names:  # every writer's entry survived the others' read-modify-write of index.json
+        assert layout.manifest_digest(name) == digests[name]
+        assert layout.read_image(name)[1].env == {"N": name}
+    assert len(json.loads((layout.path / "index.json").read_text())["manifests"]) == len(names)
 
 
 @pytest.mark.parametrize(
