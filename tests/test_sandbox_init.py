@@ -423,6 +423,17 @@ def test_setup_errors_exit_125_with_one_line(init: Path, bpf: Path, argv: list[s
     assert message in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
+def test_caps_none_drops_every_capability(init: Path, bpf: Path) -> None:
+    code = "print(*(l.split()[1] for l in open('/proc/self/status') if l.startswith(('CapEff', 'CapBnd'))))"
+    out = subprocess.run(
+        [str(init), "--seccomp", str(bpf), "--caps", "none", "--", PYTHON, "-S", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (out.returncode, out.stdout) == (0, "0000000000000000 0000000000000000\n"), out.stderr
+
+
 def test_init_binary_names_make_setup(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(entry, "INIT_BINARY", tmp_path / "missing")
     with pytest.raises(HostSetupError, match="make setup"):

@@ -45,9 +45,11 @@ static void die(const char *fmt, const char *arg) {
     exit(125);
 }
 
-/* "chown,kill,..." -> bit mask; an unknown name is a launcher bug, so it is fatal rather than skipped. */
+/* "chown,kill,..." -> bit mask ("none" or "": no capability at all); an unknown name is a launcher bug, so it
+ * is fatal rather than skipped. */
 static unsigned long long parse_caps(char *list) {
     unsigned long long mask = 0;
+    if (strcmp(list, "none") == 0) return 0;
     for (char *name = strtok(list, ","); name; name = strtok(NULL, ",")) {
         int i = 0;
         while (i < NCAPS && strcmp(CAP_NAMES[i], name) != 0) i++;
