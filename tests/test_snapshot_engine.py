@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from conftest import EngineImage, Running, ask
+from conftest import CHILDREN, STATEFUL, EngineImage, Running, ask
 
 from warmboot.errors import (
     CheckpointError,
@@ -404,3 +404,18 @@ def test_container_sees_no_host_file_and_no_host_mount(tmp_path: Path, store: Sn
         assert set(mounts) <= allowed, f"{label} has mounts beyond its own: {set(mounts) - allowed}"
         assert not host_only & set(mounts)
         assert mounts["/"] == "overlay", f"{label}'s root is {mounts['/']}"
+
+
+def test_files_mapped_from_the_image_and_the_writable_layer_are_there_after_a_restore(
+    store: SnapshotStore, running: Running
+) -> None:
+    """CRIU reopens mapped files by path in the copy's root: an image layer's, and the seeded writable layer's."""
+    original = running.start_stateful("--map", STATEFUL)  # a file of a read-only layer
+    head = Path(CHILDREN, "stateful.py").read_bytes()[:16].decode()
+    assert ask(original, f"write /root/weights.bin {'w' * 5000}")["result"] is True
+    assert ask(original, "map /root/weights.bin")["more_mapped_heads"] == ["w" * 16]  # a writable-layer file
+    snap = store.checkpoint(original, leave_running=True)
+    for c in (running.restore(store, snap), running.restore(store, snap)):
+        reply = ask(c, "x")
+        assert reply["mapped_head"] == head
+        assert reply["more_mapped_heads"] == ["w" * 16]

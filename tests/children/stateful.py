@@ -10,6 +10,7 @@ with one of the commands below also runs it, and its outcome is the reply's ``re
     read PATH           PATH's text, or null when it does not exist
     write PATH TEXT     write TEXT to PATH (the directories above it must exist)
     remove PATH         delete the file PATH
+    map PATH            keep PATH mapped from now on too (the replies' ``more_mapped_heads`` end with its head)
 """
 
 import argparse
@@ -52,6 +53,15 @@ def read(path):
         return None
 
 
+more_mapped = []
+
+
+def map_file(path):
+    with open(path, "rb") as f:
+        more_mapped.append(mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ))
+    return True
+
+
 def write(path, text):
     with open(path, "w") as f:
         f.write(text)
@@ -65,6 +75,7 @@ COMMANDS = {
     "read": read,
     "write": write,
     "remove": lambda path: os.unlink(path) or True,
+    "map": map_file,
 }
 
 control_in = os.fdopen(3, "rb", buffering=0)
@@ -74,6 +85,13 @@ for line in control_in:
     request = line.decode().strip()
     if request == "exit":
         break
+    outcome = {}
+    name, *args = request.split(" ", 2)
+    if name in COMMANDS:  # first, so the reply shows the state it leaves
+        try:
+            outcome["result"] = COMMANDS[name](*args)
+        except OSError as exc:
+            outcome["error"] = f"{type(exc).__name__}: {exc}"
     digest = hashlib.sha256(repr(sorted(table.items())[:1000]).encode()).hexdigest()
     reply = {
         "request": request,
@@ -82,11 +100,7 @@ for line in control_in:
         "dict_digest": digest,
         "mapped_head": mapped[:16].decode(errors="replace") if mapped is not None else None,
         "ballast_len": len(ballast),
+        "more_mapped_heads": [m[:16].decode(errors="replace") for m in more_mapped],
+        **outcome,
     }
-    name, *args = request.split(" ", 2)
-    if name in COMMANDS:
-        try:
-            reply["result"] = COMMANDS[name](*args)
-        except OSError as exc:
-            reply["error"] = f"{type(exc).__name__}: {exc}"
     control_out.write(json.dumps(reply).encode() + b"\n")
