@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import threading
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def test_deployed_function_remote_map_spawn_kwargs(platform: Platform) -> None:
 
 
 def test_runtime_library_made_once_when_first_containers_boot_together(tmp_path: Path) -> None:
-    """Pools boot their first containers on many threads at once; each needs the runtime library."""
+    """Pools boot their first containers on many threads at once; each needs the runtime layer."""
     barrier = threading.Barrier(6)
     results: list[Path] = []
     errors: list[BaseException] = []
@@ -108,7 +109,24 @@ def test_runtime_library_made_once_when_first_containers_boot_together(tmp_path:
         t.join()
     assert errors == []
     assert len(set(results)) == 1
-    assert (results[0] / "warmboot" / "runtime" / "__main__.py").is_file()
+    layer = results[0]
+    assert (layer / runtime_lib.LIB_DIR.lstrip("/") / "warmboot" / "runtime" / "__main__.py").is_file()
+    assert os.access(layer / "__warmboot" / "init", os.X_OK) and (layer / "__warmboot" / "seccomp.bpf").stat().st_size
+    assert sorted(os.listdir(layer / "dev")) == [
+        "fd",
+        "full",
+        "null",
+        "pts",
+        "random",
+        "shm",
+        "stderr",
+        "stdin",
+        "stdout",
+        "tty",
+        "urandom",
+        "zero",
+    ]
+    assert os.getxattr(layer / "dev", "trusted.overlay.opaque") == b"y"  # the image's own /dev stays hidden
     assert [p.name for p in (tmp_path / "runtime").iterdir()] == [results[0].name], "no temporary copies left"
 
 
