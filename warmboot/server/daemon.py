@@ -13,6 +13,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -246,7 +247,12 @@ class Server:
             key = json.dumps(fspec["image"], sort_keys=True)
             if key not in built:
                 emit({"log": f"Building image for {name}.{tag}"})
-                built[key] = resolve_image(fspec["image"], self.home, progress=lambda line: emit({"log": line}))
+                built[key] = resolve_image(
+                    fspec["image"],
+                    self.home,
+                    progress=lambda line: emit({"log": line}),
+                    secrets=self._build_secrets,
+                )
             # The image is pinned here, by digest and layer paths: container starts never build or hash.
             fspec["image_digest"] = built[key].image.digest
             fspec["resolved_image"] = built[key].to_json()
@@ -288,6 +294,13 @@ class Server:
         )
         app.start_min_containers()
         return {"app_id": record.app_id, "name": name, "version": record.version, "functions": list(functions)}
+
+    def _build_secrets(self, secrets: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+        """A build step's secrets as environment variables: named ones from the state, inline ones as given."""
+        env: dict[str, str] = {}
+        for secret in secrets:
+            env.update(self.state.get_secret(secret["name"]) if secret.get("name") else secret["values"])
+        return env
 
     def _submit(self, msg: dict[str, Any]) -> Call:
         target = msg["target"]

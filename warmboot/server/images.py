@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,17 @@ class ResolvedImage:
         return cls(images.BuiltImage.from_json(data["image"]), tuple(Path(p) for p in data["local_layers"]))
 
 
-def resolve_image(spec: dict[str, Any], home: Path, *, progress: Callable[[str], None]) -> ResolvedImage:
-    """Build (or find) the image ``spec`` describes and copy its local files: once per deploy."""
+def resolve_image(
+    spec: dict[str, Any],
+    home: Path,
+    *,
+    progress: Callable[[str], None],
+    secrets: Callable[[Sequence[Mapping[str, Any]]], dict[str, str]] | None = None,
+) -> ResolvedImage:
+    """Build (or find) the image ``spec`` describes and copy its local files: once per deploy.
+
+    ``secrets`` turns a build step's ``secrets=`` (``Secret.to_spec()`` dicts) into its environment.
+    """
     root = home / "images"
-    image = images.build_image(spec, root=root, progress=progress)
+    image = images.build_image(spec, root=root, progress=progress, secrets=secrets)
     return ResolvedImage(image, images.materialize_local_mounts(image, root))

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from warmboot.errors import HostSetupError, ImageBuildError, InvalidOptionError
+from warmboot.sdk.image import DEBIAN_PYTHON_SUITES
 
 log = logging.getLogger("warmboot.images.oci")
 
@@ -1037,7 +1038,7 @@ def pull_base(ref: str, *, root: Path, progress: Progress) -> PulledBase:
 # add_python: Debian's Python as a layer
 
 #: Python versions that :func:`python_layer` can add, and the Debian suite whose default Python each is.
-PYTHON_SUITES: dict[str, str] = {"3.11": "bookworm", "3.13": "trixie"}
+PYTHON_SUITES = DEBIAN_PYTHON_SUITES
 _PYTHON_PACKAGES = ("python{v}", "python3", "python3-pip", "python3-venv", "ca-certificates")
 _DEFAULT_MIRROR = "http://deb.debian.org/debian"
 _DEFAULT_SECURITY_MIRROR = "http://deb.debian.org/debian-security"
