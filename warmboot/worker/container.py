@@ -211,6 +211,15 @@ class Container:
                         todo.extend(int(c) for c in f.read().split())
         return found
 
+    def resume(self) -> None:
+        """Continue every process of a container that a checkpoint left stopped.
+
+        SIGCONT resumes a stopped process even where it is ignored, the namespace's init included.
+        """
+        for pid in self.pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
     def is_running(self) -> bool:
         if self._returncode is not None:
             return False

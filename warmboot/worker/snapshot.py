@@ -202,8 +202,10 @@ class SnapshotStore:
             external = {f"wb-vol-{i}": {"target": m.target, "source": m.source} for i, m in enumerate(target.mounts)}
             for key, mount in external.items():
                 args += ["--external", f"mnt[{mount['target']}]:{key}"]
+            # A container that goes on is left *stopped* until its writable layer is copied: the copy must
+            # hold the files as they were when its memory was dumped, not what it wrote a moment later.
             if leave_running:
-                args.append("--leave-running")
+                args.append("--leave-stopped")
             result = criu.run(args, log_path=tmp / DUMP_LOG)
             if result.returncode != 0:
                 raise CheckpointError(
@@ -212,8 +214,12 @@ class SnapshotStore:
                     criu_errors=result.errors,
                 )
             dump_s = time.monotonic() - started
-            if target.run_dir is not None:
-                rootfs.save_upper(target.run_dir, tmp / UPPER_COPY)
+            try:
+                if target.run_dir is not None:
+                    rootfs.save_upper(target.run_dir, tmp / UPPER_COPY)
+            finally:
+                if leave_running:
+                    target.resume()
             manifest = self._write_manifest(tmp, target, snapshot_id, dump_s, metadata or {}, external)
             os.rename(tmp, final)
             _fsync_path(self.root)
