@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from platform_helpers import Platform
+from registry_helpers import registry, registry_base_image  # noqa: F401 - session fixtures, one registry
 
 from warmboot.sdk.image import Image
 from warmboot.worker import container as containers

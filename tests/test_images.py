@@ -19,17 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import registry_helpers
 from registry_helpers import BaseImage
 
 from warmboot.errors import ImageBuildError, InvalidOptionError
 from warmboot.sdk.image import Image
 from warmboot.worker import images
 from warmboot.worker.images import build, debian, hostcfg, oci, sandbox
-
-# The session's loopback registry and its Python-less busybox image (shared with test_registry.py).
-registry = registry_helpers.registry
-registry_base_image = registry_helpers.registry_base_image
 
 PY = "3.11"  # bookworm's Python, the same minor as this test process (run_function needs that)
 

@@ -23,7 +23,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import registry_helpers
 from registry_helpers import BaseImage, Registry, run_in_overlay
 
 from warmboot.errors import ImageBuildError, InvalidOptionError
@@ -41,9 +40,6 @@ from warmboot.worker.images.oci import (
     unpack_layer,
 )
 
-# The session-scoped registry and base-image fixtures live in registry_helpers so that other tests can share them.
-registry = registry_helpers.registry
-registry_base_image = registry_helpers.registry_base_image
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers and mounting overlays needs root")
 
 

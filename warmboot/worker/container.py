@@ -288,16 +288,17 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     # Absolute paths: mount(8) fails to resolve a relative path to a file under /proc.
     # Kernels built without some of them (no sysrq here) simply lack the entry.
     steps += [f"[ ! -e {root}/proc/{p} ] || mount -o bind,ro {root}/proc/{p} {root}/proc/{p}" for p in READ_ONLY_PROC]
-    # Swap roots and drop the host's mount tree: after this the container can name nothing of the host.
-    steps += ["pivot_root . .", "umount -l .", f"cd {shlex.quote(spec.cwd)}"]
     ci, co = fds["control_in"], fds["control_out"]
-    # stdin is opened here, inside the container: CRIU can only dump files on mounts the container sees.
-    steps.append(f"exec </dev/null {CONTROL_IN_FD}<&{ci} {CONTROL_OUT_FD}>&{co} {ci}<&- {co}>&-")
-    # The launcher ran the host's mount, ip and pivot_root; the init looks the command up on the image's PATH.
+    # stdin is the container's own /dev/null: CRIU can only dump files on mounts the container sees.
+    steps.append(f"exec <./dev/null {CONTROL_IN_FD}<&{ci} {CONTROL_OUT_FD}>&{co} {ci}<&- {co}>&-")
+    # The launcher ran the host's mount and ip; the init looks the command up on the image's PATH.
     path = (spec.env or {}).get("PATH", rootfs.DEFAULT_PATH)
     steps.append(f"export PATH={shlex.quote(path)}")
+    # The init swaps roots (pivot_root) and detaches the host's mount tree: after that the container can name
+    # nothing of the host. It is exec'd from inside the new root, where CRIU finds its executable later.
     caps = ",".join(spec.sandbox.capabilities) or "none"
-    init = [spec.sandbox.init, "--seccomp", spec.sandbox.seccomp, "--caps", caps, "--"]
+    init = ["." + spec.sandbox.init, "--root", ".", "--cwd", spec.cwd]
+    init += ["--seccomp", spec.sandbox.seccomp, "--caps", caps, "--"]
     steps.append("exec " + " ".join(shlex.quote(a) for a in init) + ' "$@"')
     return "\n".join(steps)
 

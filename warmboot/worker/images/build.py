@@ -75,8 +75,8 @@ class BuiltImage:
     """A complete image on this host.
 
     ``python`` is the interpreter inside the container: ``/usr/local/bin/python`` for ``debian_slim`` and for
-    ``from_registry(..., add_python=...)`` images; for a registry image without ``add_python`` it is the bare
-    name ``python3``, which the launcher resolves through the image's ``PATH`` (the image's own Python).
+    ``from_registry(..., add_python=...)`` images; for a registry image without ``add_python`` it is the first
+    ``python3`` or ``python`` on the image's ``PATH`` (a build of an image without one fails, naming add_python).
     """
 
     digest: str  #: content address of the whole image: its layer chain and the metadata below
@@ -379,7 +379,13 @@ class _Build:
         env = dict(pulled.env)
         env.setdefault("PATH", DEFAULT_PATH)
         workdir = pulled.workdir if pulled.workdir not in ("", "/") else "/root"
-        python, version = "python3", None
+        python, version = oci.find_python(layers, env), None
+        if python is None and not add_python:
+            raise ImageBuildError(
+                f"Image.from_registry({ref!r}) has no python3 or python on its PATH ({env['PATH']}): "
+                "functions need one; pass add_python='3.11' (or another of "
+                f"{', '.join(oci.python_versions())}) to add Python to it"
+            )
         if add_python:
             py_layer = oci.python_layer(add_python, root=self.root, progress=self.say)
             layers.append(py_layer)

@@ -1,9 +1,10 @@
 /* warmboot-init: PID 1 of every function container, and the step that takes its privileges away.
  *
- *   init --seccomp FILE --caps NAME,NAME,... -- PROGRAM ARGS...
+ *   init [--root DIR [--cwd DIR]] --seccomp FILE --caps NAME,NAME,... -- PROGRAM ARGS...
  *
- * The launcher has already made the namespaces and pivot_root'ed into the image; this program locks the
- * process down, starts PROGRAM as its only child and stays PID 1 to forward signals and reap orphans.
+ * The launcher has already made the namespaces and mounted the container's root filesystem; with --root this
+ * program makes DIR the root (pivot_root) and detaches the host's tree, then locks the process down, starts
+ * PROGRAM as its only child and stays PID 1 to forward signals and reap orphans.
  * Built static (scripts/build-init.sh) because it runs inside arbitrary images (busybox, alpine, distroless):
  * it needs nothing but the kernel, not even /proc. Any setup failure exits 125 with one line on stderr,
  * so the owner can tell "the sandbox refused" from the program's own exit codes. */
@@ -17,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -65,21 +67,34 @@ static unsigned long long parse_caps(char *list) {
 static void on_signal(int sig) { (void)sig; } /* never runs (signals stay blocked); see main */
 
 int main(int argc, char **argv) {
-    const char *seccomp_file = NULL;
+    const char *seccomp_file = NULL, *root = NULL, *cwd = "/";
     char *caps = NULL;
     int i = 1;
     for (; i + 1 < argc && strcmp(argv[i], "--") != 0; i += 2) {
         if (strcmp(argv[i], "--seccomp") == 0) seccomp_file = argv[i + 1];
         else if (strcmp(argv[i], "--caps") == 0) caps = argv[i + 1];
+        else if (strcmp(argv[i], "--root") == 0) root = argv[i + 1];
+        else if (strcmp(argv[i], "--cwd") == 0) cwd = argv[i + 1];
         else break;
     }
     if (!seccomp_file || !caps || i >= argc - 1 || strcmp(argv[i], "--") != 0) {
-        fprintf(stderr, "usage: warmboot-init --seccomp FILE --caps NAME,... -- PROGRAM ARGS...\n");
+        fprintf(stderr, "usage: warmboot-init [--root DIR [--cwd DIR]] --seccomp FILE --caps NAME,... -- PROGRAM ARGS...\n");
         return 125;
     }
     char **program = argv + i + 1;
     unsigned long long keep = parse_caps(caps);
     errno = 0;
+
+    /* 0. The container's root. Done here rather than by pivot_root(8) and umount(8) in the launcher: once the
+     *    root is swapped, those programs would have to come from the image, which need not have them (busybox,
+     *    distroless). pivot_root(".", ".") stacks the old root on the new one; detaching it leaves nothing of
+     *    the host's mount tree in the container. */
+    if (root) {
+        if (chdir(root) < 0) die("cannot enter the root %s", root);
+        if (syscall(SYS_pivot_root, ".", ".") < 0) die("%s", "pivot_root");
+        if (umount2(".", MNT_DETACH) < 0) die("%s", "detaching the host's root");
+        if (chdir(cwd) < 0) die("cannot enter the working directory %s", cwd);
+    }
 
     /* 1. Own session, no controlling terminal: the host's terminal (TIOCSTI injection, job-control signals)
      *    is out of reach. Already leading a session (the launcher did it) is fine. */
