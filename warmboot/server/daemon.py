@@ -79,6 +79,11 @@ class RunningApp:
         label = f"{self.record.name}.{tag}"
         home = self.server.home
 
+        if "resolved_image" not in fspec:
+            raise NotFoundError(
+                f"{label} was deployed by an older warmboot whose images were virtualenvs, not root filesystems; "
+                f"deploy the app again (warmboot deploy) to build its image"
+            )
         resolved = ResolvedImage.from_json(fspec["resolved_image"])
         gpu_layers: tuple[Path, ...] = ()
         gpu_env: dict[str, str] = {}
