@@ -24,7 +24,6 @@ from warmboot.sdk.image import Image
 from warmboot.worker import container as containers
 from warmboot.worker import runtime_lib
 from warmboot.worker.images import build_image
-from warmboot.worker.sandbox import capabilities
 from warmboot.worker.snapshot import SnapshotStore
 
 CHILD = r"""
@@ -66,7 +65,6 @@ def main() -> None:
             run_dir=run_dir(),
             env=image.env,
             cwd="/root",
-            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
 
     store = SnapshotStore(work / "snapshots")

@@ -44,7 +44,6 @@ from warmboot.sdk.image import Image
 from warmboot.worker import container as containers
 from warmboot.worker import criu, cuda_checkpoint, gpus, runtime_lib
 from warmboot.worker.images import build_image
-from warmboot.worker.sandbox import capabilities
 from warmboot.worker.snapshot import SnapshotStore
 
 OUT = Path(os.environ.get("OUT") or "/tmp/gpu_check_out")
@@ -268,7 +267,6 @@ def round_trip(kind: str, args: argparse.Namespace, store: SnapshotStore, work: 
             env=env,
             cwd="/root",
             devices=devices,
-            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
         say(f"[{kind}] starting container: {fs.python} -c <child> on {len(fs.layers)} layers")
         t0 = time.monotonic()

@@ -43,7 +43,6 @@ from warmboot.sdk.image import Image
 from warmboot.worker import container as containers
 from warmboot.worker import host, runtime_lib
 from warmboot.worker.images import build_image
-from warmboot.worker.sandbox import capabilities
 from warmboot.worker.snapshot import SnapshotStore
 
 MIN_RUNS = 5
@@ -120,7 +119,6 @@ class Rootfs:
             run_dir=self.next_run_dir(),
             env=self.env,
             cwd="/root",
-            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
 
     def next_run_dir(self) -> Path:

@@ -337,7 +337,6 @@ class Warmboot:
             layers=self.layers,
             run_dir=self.home / "containers" / f"c{self.seq}",
             env=self.w.env,
-            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
 
     def _ask(self, c: containers.Container) -> None:

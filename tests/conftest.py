@@ -19,7 +19,6 @@ from warmboot.sdk.image import Image
 from warmboot.worker import container as containers
 from warmboot.worker import runtime_lib
 from warmboot.worker.images import build_image
-from warmboot.worker.sandbox import capabilities
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 CHILDREN = Path(__file__).parent / "children"
@@ -108,7 +107,6 @@ class Running:
             env=self.image.env,
             cwd="/root",
             mounts=tuple(mounts),
-            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
 
     def start(self, argv: Sequence[str], mounts: Sequence[containers.BindMount] = ()) -> containers.Container:

@@ -69,7 +69,8 @@ def test_from_registry_with_add_python_runs(platform: Platform, registry_base_im
 
             import six
 
-            return {{"version": sys.version_info[:2], "six": six.__version__, "busybox": os.path.exists("/bin/busybox")}}
+            busybox = os.path.exists("/bin/busybox")
+            return {{"version": sys.version_info[:2], "six": six.__version__, "busybox": busybox}}
         """,
     )
     deployed = platform.cli("deploy", str(path), timeout=600)

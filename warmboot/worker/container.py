@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from warmboot.errors import ContainerError
-from warmboot.worker.sandbox import rootfs
+from warmboot.worker.sandbox import entry, rootfs
 
 #: File descriptor numbers of the control pipes inside every container.
 CONTROL_IN_FD = 3
@@ -63,15 +63,6 @@ class BindMount:
 
 
 @dataclass(frozen=True)
-class Sandbox:
-    """How the container's init confines it: the paths are inside the container (the runtime layer)."""
-
-    init: str = rootfs.INIT_PATH
-    seccomp: str = rootfs.SECCOMP_PATH
-    capabilities: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
 class ContainerSpec:
     """What to start: the command, its environment and working directory, and what the container sees."""
 
@@ -85,7 +76,6 @@ class ContainerSpec:
     #: Device nodes (host paths) created in the container's /dev at launch (a GPU memory snapshot's GPUs).
     devices: Sequence[str] = ()
     cgroups: Sequence[Path] = ()  #: cgroup directories the container joins before its command runs
-    sandbox: Sandbox = field(default_factory=Sandbox)
 
 
 @dataclass
@@ -296,9 +286,7 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     steps.append(f"export PATH={shlex.quote(path)}")
     # The init swaps roots (pivot_root) and detaches the host's mount tree: after that the container can name
     # nothing of the host. It is exec'd from inside the new root, where CRIU finds its executable later.
-    caps = ",".join(spec.sandbox.capabilities) or "none"
-    init = ["." + spec.sandbox.init, "--root", ".", "--cwd", spec.cwd]
-    init += ["--seccomp", spec.sandbox.seccomp, "--caps", caps, "--"]
+    init = entry.command([], init="." + entry.CONTAINER_INIT, root=".", cwd=spec.cwd)
     steps.append("exec " + " ".join(shlex.quote(a) for a in init) + ' "$@"')
     return "\n".join(steps)
 

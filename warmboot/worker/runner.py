@@ -29,7 +29,7 @@ from warmboot.runtime import wire
 from warmboot.worker import cgroups, cuda_checkpoint, netinfo, runtime_lib
 from warmboot.worker import container as containers
 from warmboot.worker import gpus as gpu_devices
-from warmboot.worker.sandbox import capabilities, network
+from warmboot.worker.sandbox import network
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 log = logging.getLogger("warmboot.worker")
@@ -120,7 +120,6 @@ class FunctionContainer:
             mounts=self.plan.mounts,
             cgroups=self._groups.paths,
             devices=gpus.nodes() if gpus is not None and not self.plan.gpus_after_snapshot else (),
-            sandbox=containers.Sandbox(capabilities=capabilities.ALLOWED),
         )
         self.container = containers.start(spec)
         self._start_pumps()

@@ -31,6 +31,17 @@ def init_binary() -> Path:
     return INIT_BINARY
 
 
-def command(program: Sequence[str], *, init: str = CONTAINER_INIT, seccomp: str = CONTAINER_SECCOMP) -> list[str]:
-    """``init --seccomp FILE --caps ... -- PROGRAM...``: run ``program`` with the container's privileges."""
-    return [init, "--seccomp", seccomp, "--caps", capabilities.caps_argument(), "--", *program]
+def command(
+    program: Sequence[str],
+    *,
+    init: str = CONTAINER_INIT,
+    seccomp: str = CONTAINER_SECCOMP,
+    root: str | None = None,
+    cwd: str = "/",
+) -> list[str]:
+    """``init [--root DIR --cwd DIR] --seccomp FILE --caps ... -- PROGRAM...``: run ``program`` confined.
+
+    With ``root`` the init first makes that directory the container's root (pivot_root) and enters ``cwd``.
+    """
+    where = ["--root", root, "--cwd", cwd] if root is not None else []
+    return [init, *where, "--seccomp", seccomp, "--caps", capabilities.caps_argument(), "--", *program]

@@ -24,9 +24,6 @@ from pathlib import Path
 from warmboot.errors import ContainerError
 
 UPPER, WORK, ROOT = "upper", "work", "root"
-#: Where the runtime layer puts warmboot's init and seccomp filter inside every container.
-INIT_PATH = "/__warmboot/init"
-SECCOMP_PATH = "/__warmboot/seccomp.bpf"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _MNT_DETACH = 2
