@@ -31,7 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from warmboot.worker.images.oci import ImageConfig, Layout, apt_download
+from warmboot.worker.images.oci import ImageConfig, Layout
+from warmboot.worker.images.python_layer import apt_download
 
 #: How long the registry may take to say it listens (it starts in well under a second here).
 START_DEADLINE_S = 20.0

@@ -25,6 +25,7 @@ from warmboot.errors import ImageBuildError, InvalidOptionError
 from warmboot.sdk.image import Image
 from warmboot.worker import images
 from warmboot.worker.images import build, debian, hostcfg, oci, sandbox
+from warmboot.worker.images.registry import pull_base
 
 PY = "3.11"  # bookworm's Python, the same minor as this test process (run_function needs that)
 
@@ -350,7 +351,7 @@ def test_registry_base_with_and_without_add_python(registry_base_image: BaseImag
     # The base has no Python: refused at build, naming the fix, rather than failing at every container start.
     with pytest.raises(ImageBuildError, match=r"has no python3 or python on its PATH.*add_python="):
         images.build_image(Image.from_registry(registry_base_image.ref).to_spec(), root=root)
-    base = oci.pull_base(registry_base_image.ref, root=root, progress=lambda line: None)
+    base = pull_base(registry_base_image.ref, root=root, progress=lambda line: None)
 
     script = 'python -c \'import sys; open("/py.txt", "w").write("%d.%d" % sys.version_info[:2])\''
     spec = Image.from_registry(registry_base_image.ref, add_python=PY).run_commands(script).to_spec()

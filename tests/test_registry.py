@@ -26,19 +26,10 @@ import pytest
 from registry_helpers import BaseImage, Registry, run_in_overlay
 
 from warmboot.errors import ImageBuildError, InvalidOptionError
-from warmboot.worker.images.oci import (
-    MEDIA_LAYER_GZIP,
-    OPAQUE_XATTR,
-    ImageConfig,
-    ImageRef,
-    Layout,
-    find_python,
-    lookup_path,
-    pull_base,
-    python_layer,
-    python_versions,
-    unpack_layer,
-)
+from warmboot.worker.images.layers import OPAQUE_XATTR, find_python, lookup_path, unpack_layer
+from warmboot.worker.images.oci import MEDIA_LAYER_GZIP, ImageConfig, Layout
+from warmboot.worker.images.python_layer import python_layer, python_versions
+from warmboot.worker.images.registry import ImageRef, pull_base
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="unpacking layers and mounting overlays needs root")
 

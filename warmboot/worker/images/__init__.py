@@ -5,7 +5,12 @@
 - :mod:`~warmboot.worker.images.debian`: ``debian_slim`` bases, bootstrapped by mmdebstrap, cached host-wide.
 - :mod:`~warmboot.worker.images.sandbox`: the build sandbox (overlayfs + bubblewrap) that runs each step.
 - :mod:`~warmboot.worker.images.hostcfg`: the host's pip/uv/apt settings, passed into builds.
-- :mod:`~warmboot.worker.images.oci`: the OCI image layout, layer tars, registry pulls and ``add_python``.
+- :mod:`~warmboot.worker.images.oci`: the OCI image layout (blobs, manifests, ``index.json``) images are recorded in.
+- :mod:`~warmboot.worker.images.layers`: layer tars <-> overlayfs lower directories, and lookups into a stack of them.
+- :mod:`~warmboot.worker.images.registry`: registry references, and pulls (skopeo) into the layout.
+- :mod:`~warmboot.worker.images.python_layer`: ``add_python``, Debian's Python as a layer for registry images.
+- :mod:`~warmboot.worker.images.fsutil`, :mod:`~warmboot.worker.images.commands`: the ``flock``, atomic writes
+  and streamed host commands the modules above share.
 """
 
 from __future__ import annotations

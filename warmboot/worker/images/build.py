@@ -40,7 +40,10 @@ from typing import Any, NoReturn
 
 from warmboot.errors import ImageBuildError, InvalidOptionError
 from warmboot.sdk.image import SPEC_FORMAT, STEP_FIELDS
-from warmboot.worker.images import debian, hostcfg, sandbox
+from warmboot.worker.images import debian, hostcfg, oci, registry, sandbox
+from warmboot.worker.images.layers import find_python
+from warmboot.worker.images.python_layer import python_layer
+from warmboot.worker.images.python_layer import python_versions as add_python_versions
 
 log = logging.getLogger("warmboot.images")
 
@@ -367,27 +370,25 @@ class _Build:
         # a registry image (through the OCI helper), possibly with Python added on top
         if self.dry_run:
             raise _NotCached  # a pull asks the registry: not a dry operation
-        from warmboot.worker.images import oci
-
         ref, add_python = base["ref"], base.get("add_python")
         self.emit_header(
             f"[1/{self.total}] FROM {ref}" + (f" + Python {add_python}" if add_python else ""), cached=False
         )
-        pulled = oci.pull_base(ref, root=self.root, progress=self.say)
+        pulled = registry.pull_base(ref, root=self.root, progress=self.say)
         chain = _sha("registry", pulled.digest, *(p.name for p in pulled.layers))
         layers = list(pulled.layers)
         env = dict(pulled.env)
         env.setdefault("PATH", DEFAULT_PATH)
         workdir = pulled.workdir if pulled.workdir not in ("", "/") else "/root"
-        python, version = oci.find_python(layers, env), None
+        python, version = find_python(layers, env), None
         if python is None and not add_python:
             raise ImageBuildError(
                 f"Image.from_registry({ref!r}) has no python3 or python on its PATH ({env['PATH']}): "
                 "functions need one; pass add_python='3.11' (or another of "
-                f"{', '.join(oci.python_versions())}) to add Python to it"
+                f"{', '.join(add_python_versions())}) to add Python to it"
             )
         if add_python:
-            py_layer = oci.python_layer(add_python, root=self.root, progress=self.say)
+            py_layer = python_layer(add_python, root=self.root, progress=self.say)
             layers.append(py_layer)
             chain = _sha(chain, "add_python", py_layer.name)
             python, version = "/usr/local/bin/python", add_python
@@ -663,8 +664,6 @@ def _record_oci(root: Path, image: BuiltImage, state: _State, say: Progress) -> 
     Base layers live in the host-wide cache, shared by every home: their blobs are written once into a
     host-wide layout and hard-linked (or copied, across filesystems) into this one.
     """
-    from warmboot.worker.images import oci
-
     layout = oci.Layout(root / "oci")
     layout.ensure()
     shared_root = debian.cache_dir()
