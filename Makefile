@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-engine test lint bench bench-engine doctor
+.PHONY: setup demo demo-engine test lint bench bench-engine bench-sandbox doctor
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,9 @@ bench: setup
 
 bench-engine: setup
 	@$(PY) bench/restore.py
+
+bench-sandbox: setup
+	@$(PY) bench/sandbox_choice.py
 
 doctor: setup
 	@$(VENV)/bin/warmboot doctor
