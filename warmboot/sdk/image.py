@@ -77,6 +77,21 @@ def python_versions() -> list[str]:
     return sorted(found, key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
+def debian_suite(python_version: str, available: Sequence[str] | None = None) -> str:
+    """The Debian suite whose ``python3`` is ``python_version``, refusing versions this machine cannot build.
+
+    ``available`` is :func:`python_versions` (computed when not given); the error lists it.
+    """
+    if available is None:
+        available = python_versions()
+    if python_version not in available:
+        raise InvalidOptionError(
+            f"Image.debian_slim: Python {python_version} is not available here "
+            f"(available: {', '.join(available) or 'none'})"
+        )
+    return DEBIAN_PYTHON_SUITES[python_version]
+
+
 def _in_container() -> bool:
     return bool(os.environ.get(IN_CONTAINER_ENV))
 
@@ -112,11 +127,7 @@ class Image:
             if not available:
                 raise InvalidOptionError("Image.debian_slim: this machine can build no Debian Python base")
             python_version = mine if mine in available else available[-1]
-        if python_version not in available:
-            raise InvalidOptionError(
-                f"Image.debian_slim: Python {python_version} is not available here "
-                f"(available: {', '.join(available) or 'none'})"
-            )
+        debian_suite(python_version, available)
         base: dict[str, Any] = {"kind": "debian_slim", "python_version": python_version}
         if force_build:
             base["force_build"] = True
@@ -146,6 +157,17 @@ class Image:
             step["secrets"] = list(secrets)  # Secret objects until to_spec
         return Image(self.base, (*self.steps, step))
 
+    def _with_list(
+        self, op: str, key: str, items: Sequence[str | list[str]], *, pip: tuple[Any, ...] = (), **common: Any
+    ) -> Image:
+        """A step ``op`` listing ``items`` (flattened) as ``key``, plus the pip options ``pip`` (the arguments of
+        :func:`_pip_opts`) when given; no step at all, ``self``, when ``items`` is empty."""
+        flat = _flatten(items, op)
+        if not flat:
+            return self
+        fields = {key: flat, **(_pip_opts(*pip) if pip else {})}
+        return self._with(op, fields, **common)
+
     def apt_install(
         self,
         *packages: str | list[str],
@@ -154,10 +176,7 @@ class Image:
         secrets: Sequence[Any] = (),
     ) -> Image:
         """Install Debian packages with apt-get (the image's apt sources; the host's apt proxy settings)."""
-        flat = _flatten(packages, "apt_install")
-        if not flat:
-            return self
-        return self._with("apt_install", {"packages": flat}, force_build=force_build, env=env, secrets=secrets)
+        return self._with_list("apt_install", "packages", packages, force_build=force_build, env=env, secrets=secrets)
 
     def pip_install(
         self,
@@ -172,11 +191,10 @@ class Image:
         secrets: Sequence[Any] = (),
     ) -> Image:
         """Install Python packages with pip (the host's pip settings apply, then these)."""
-        flat = _flatten(packages, "pip_install")
-        if not flat:
-            return self
-        fields = {"packages": flat, **_pip_opts(find_links, index_url, extra_index_url, pre, extra_options)}
-        return self._with("pip_install", fields, force_build=force_build, env=env, secrets=secrets)
+        pip = (find_links, index_url, extra_index_url, pre, extra_options)
+        return self._with_list(
+            "pip_install", "packages", packages, pip=pip, force_build=force_build, env=env, secrets=secrets
+        )
 
     def uv_pip_install(
         self,
@@ -253,10 +271,7 @@ class Image:
         secrets: Sequence[Any] = (),
     ) -> Image:
         """Run shell commands (``/bin/sh -c``) as root in the image, with network, one layer for all of them."""
-        flat = _flatten(commands, "run_commands")
-        if not flat:
-            return self
-        return self._with("run_commands", {"commands": flat}, force_build=force_build, env=env, secrets=secrets)
+        return self._with_list("run_commands", "commands", commands, force_build=force_build, env=env, secrets=secrets)
 
     def run_function(
         self,

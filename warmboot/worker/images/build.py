@@ -20,8 +20,6 @@ keys because their parent changed, and later builds without ``force_build`` reus
 from __future__ import annotations
 
 import base64
-import contextlib
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -41,7 +39,8 @@ from typing import Any, NoReturn
 from warmboot.errors import ImageBuildError, InvalidOptionError
 from warmboot.sdk.image import SPEC_FORMAT, STEP_FIELDS
 from warmboot.worker.images import debian, hostcfg, oci, registry, sandbox
-from warmboot.worker.images.layers import find_python
+from warmboot.worker.images.fsutil import atomic_write, flock
+from warmboot.worker.images.layers import DEFAULT_PATH, find_python
 from warmboot.worker.images.python_layer import python_layer
 from warmboot.worker.images.python_layer import python_versions as add_python_versions
 
@@ -49,8 +48,6 @@ log = logging.getLogger("warmboot.images")
 
 #: Bumped whenever the layer format or a step's procedure changes, so old layers are not reused.
 LAYER_FORMAT = 1
-#: PATH in images whose environment sets none.
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: Where ``add_local_python_source`` puts modules (as Modal does); it goes on the image's PYTHONPATH.
 PYTHON_SOURCE_ROOT = "/root"
 #: Inside the build sandbox: a tmpfs, so nothing placed here ends up in a layer.
@@ -168,7 +165,7 @@ def materialize_local_mounts(image: BuiltImage, root: Path) -> tuple[Path, ...]:
     if (root / "local" / f"{target.name}.done").exists() and target.is_dir():
         return (target,)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / f"{target.name}.lock"):
+    with flock(target.parent / f"{target.name}.lock"):
         if not (root / "local" / f"{target.name}.done").exists():
             tmp = target.parent / f".tmp-{tokens.token_hex(8)}"
             try:
@@ -429,7 +426,7 @@ class _Build:
         if layer is None:
             if self.dry_run:
                 raise _NotCached
-            with _locked(self.root / "locks" / f"{key}.lock"):
+            with flock(self.root / "locks" / f"{key}.lock"):
                 layer = None if force else self.cached_layer(key)  # built by another builder while we waited
                 if layer is None:
                     self.emit_header(header, cached=False)
@@ -493,7 +490,7 @@ class _Build:
             "built_at": time.time(),
             "seconds": round(time.monotonic() - started, 2),
         }
-        _write_atomic(self.root / "keys" / f"{key}.json", json.dumps(record, indent=2) + "\n")
+        atomic_write(self.root / "keys" / f"{key}.json", json.dumps(record, indent=2) + "\n")
         return final
 
     def run_step(self, number: int, header: str, step: dict[str, Any], state: _State, upper: Path, work: Path) -> None:
@@ -646,7 +643,7 @@ class _Build:
             self.say(line)
         self.pending.clear()
         _record_oci(self.root, image, state, self.say)
-        _write_atomic(marker, json.dumps(image.to_json(), indent=2) + "\n")
+        atomic_write(marker, json.dumps(image.to_json(), indent=2) + "\n")
         self.say(f"Image {digest} built in {time.monotonic() - self.started:.1f} s")
         return image
 
@@ -673,7 +670,7 @@ def _record_oci(root: Path, image: BuiltImage, state: _State, say: Progress) -> 
         if desc is None and layer.is_relative_to(shared_root):
             shared = oci.Layout(shared_root / "oci")
             shared.ensure()
-            with _locked(shared_root / "oci.lock"):
+            with flock(shared_root / "oci.lock"):
                 desc = shared.write_layer(layer)
             if not layout.has_blob(desc.digest):
                 say(f"recording base layer {desc.digest[:19]} in {layout.path}")
@@ -842,7 +839,7 @@ def _ensure_uv(say: Progress) -> Path:
     if (target / "bin" / "uv").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(target.parent / "uv.lock"):
+    with flock(target.parent / "uv.lock"):
         if (target / "bin" / "uv").exists():
             return target
         say("installing uv (host-wide, once) with pip")
@@ -881,24 +878,6 @@ def _sha(*parts: str) -> str:
 
 def _canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{tokens.token_hex(4)}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path``: threads and processes alike (each holder opens its own descriptor)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _safe_progress(progress: Progress) -> Progress:

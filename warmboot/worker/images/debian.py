@@ -16,21 +16,21 @@ on top chain from it, so they are never reused on a base they were not built on.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import secrets
 import shutil
-import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from warmboot.errors import HostSetupError, ImageBuildError, InvalidOptionError
-from warmboot.sdk.image import DEBIAN_PYTHON_SUITES, python_versions
+from warmboot.errors import HostSetupError, ImageBuildError
+from warmboot.sdk.image import DEBIAN_PYTHON_SUITES, debian_suite
+from warmboot.worker.images.commands import run_streaming
+from warmboot.worker.images.fsutil import atomic_write, flock
 
 #: Bumped whenever the bootstrap or the post-processing below changes.
 BASE_FORMAT = 1
@@ -57,13 +57,7 @@ def cache_dir() -> Path:
 
 def suite_for(python_version: str) -> str:
     """The Debian suite whose ``python3`` is ``python_version``; refuses versions this machine cannot build."""
-    available = python_versions()
-    if python_version not in available:
-        raise InvalidOptionError(
-            f"Image.debian_slim: Python {python_version} is not available here "
-            f"(available: {', '.join(available) or 'none'})"
-        )
-    return DEBIAN_PYTHON_SUITES[python_version]
+    return debian_suite(python_version)
 
 
 def host_mirrors() -> tuple[str, str]:
@@ -119,7 +113,7 @@ def ensure_base(python_version: str, progress: Callable[[str], None], *, force: 
     pointer = bases / f"{key}.json"
     if not force and (found := _load(pointer)) is not None:
         return found
-    with _locked(bases / f"{key}.lock"):
+    with flock(bases / f"{key}.lock"):
         if not force and (found := _load(pointer)) is not None:  # built by another process while we waited
             return found
         base_id = secrets.token_hex(16)
@@ -130,7 +124,7 @@ def ensure_base(python_version: str, progress: Callable[[str], None], *, force: 
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         meta["id"] = base_id
-        _write_atomic(pointer, json.dumps(meta, indent=2) + "\n")
+        atomic_write(pointer, json.dumps(meta, indent=2) + "\n")
         found = _load(pointer)
         assert found is not None
         return found
@@ -161,19 +155,10 @@ def _bootstrap(python_version: str, suite: str, target: Path, progress: Callable
     ]
     progress(f"Bootstrapping Debian {suite} (Python {python_version}) from {archive}")
     started = time.monotonic()
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
-    )
-    tail: list[str] = []
-    assert proc.stdout is not None
-    with proc.stdout:
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            tail = [*tail[-19:], line]
-            progress(line)
-    if proc.wait() != 0:
+    status, tail = run_streaming(argv, progress)
+    if status != 0:
         raise ImageBuildError(
-            f"Image build failed at its base: `{' '.join(argv)}` exited with status {proc.returncode}\n"
+            f"Image build failed at its base: `{' '.join(argv)}` exited with status {status}\n"
             f"Last {len(tail)} line(s) of its output:\n" + "\n".join(f"  {line}" for line in tail)
         )
     _finish_rootfs(target, python_version)
@@ -223,20 +208,3 @@ def _load(pointer: Path) -> DebianBase | None:
     if meta.get("format") != BASE_FORMAT or not (rootfs / "usr").is_dir():
         return None  # a fresh machine, or a cache someone cleaned: bootstrap again
     return DebianBase(id=meta["id"], rootfs=rootfs, python_version=meta["python_version"], suite=meta["suite"])
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on ``path`` (threads and processes alike)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

@@ -411,7 +411,7 @@ def unpack_layer(blob: Path, dest: Path, *, diff_id: str | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Looking into a stack of layers without mounting it
 
-#: Where :func:`find_python` looks when the image's env sets no PATH (Docker's default PATH).
+#: PATH in images whose environment sets none (Docker's default): where :func:`find_python` looks then.
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MAX_SYMLINKS = 40
 

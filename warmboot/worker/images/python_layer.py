@@ -91,7 +91,7 @@ def apt_download(packages: Sequence[str], suite: str, work: Path, progress: Prog
         ["apt-get", *opts, "-q", "update"],
         ["apt-get", *opts, "-q", "-y", "install", "--download-only", "--no-install-recommends", *packages],
     ):
-        rc, tail = run_streaming(argv, progress, "[python] ")
+        rc, tail = run_streaming(argv, progress, prefix="[python] ", c_locale=True, skip_blank=True)
         if rc != 0:
             raise ImageBuildError(
                 f"could not download {' '.join(packages)} from Debian {suite} ({mirror}): "

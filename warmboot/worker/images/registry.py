@@ -148,7 +148,7 @@ def pull_base(ref: str, *, root: Path, progress: Progress) -> PulledBase:
         argv += [f"docker://{source}", f"oci:{layout.path}:{name}"]
         progress(f"[pull] {ref}")
         with layout.lock():  # skopeo rewrites index.json
-            rc, tail = run_streaming(argv, progress, "[pull] ")
+            rc, tail = run_streaming(argv, progress, prefix="[pull] ", c_locale=True, skip_blank=True)
         if rc != 0:
             raise ImageBuildError(
                 f"could not pull {ref!r} ({parsed}): skopeo exited {rc}:\n"

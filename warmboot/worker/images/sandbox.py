@@ -12,21 +12,19 @@ and the inode index are switched off so no layer depends on another's inode numb
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import shutil
 import stat
-import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from warmboot.worker.images.commands import run_streaming
+
 #: overlayfs options that keep each upperdir self-contained (see the module docstring). Containers mounting
 #: the layers should use the same ones.
 OVERLAY_OPTIONS = "redirect_dir=off,index=off,metacopy=off,xino=off"
-#: How many output lines of a failing command are kept.
-TAIL_LINES = 20
 
 
 @dataclass(frozen=True)
@@ -93,30 +91,9 @@ def run(
     full = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", launcher, "sh", options]
     full += [str(merged), *bwrap]
 
-    tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-    proc = subprocess.Popen(
-        full,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        errors="replace",
-        start_new_session=True,
-    )
     try:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            line = raw.rstrip("\n")
-            tail.append(line)
-            on_line(line)
-        status = proc.wait()
+        status, tail = run_streaming(full, on_line)  # interrupted, it kills the step (the mount goes with it)
     finally:
-        if proc.poll() is None:  # interrupted: stop the whole step (the mount goes with its namespace)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, 9)
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
         _remove_stubs(upper, stubs)
     return Result(status=status, tail=tuple(tail))
 
