@@ -2,6 +2,9 @@
 
 - :mod:`~warmboot.worker.images.build`: :func:`build_image` turns ``Image.to_spec()`` into a stack of cached
   layers (one per step), :func:`materialize_local_mounts` copies ``add_local_*`` files at deploy.
+- :mod:`~warmboot.worker.images.spec`: specs checked and normalized, steps described;
+  :mod:`~warmboot.worker.images.local_files`: ``add_local_*`` paths hashed and copied;
+  :mod:`~warmboot.worker.images.record`: each built image recorded in the OCI layout.
 - :mod:`~warmboot.worker.images.debian`: ``debian_slim`` bases, bootstrapped by mmdebstrap, cached host-wide.
 - :mod:`~warmboot.worker.images.sandbox`: the build sandbox (overlayfs + bubblewrap) that runs each step.
 - :mod:`~warmboot.worker.images.hostcfg`: the host's pip/uv/apt settings, passed into builds.
@@ -19,11 +22,11 @@ from warmboot.errors import ImageBuildError
 from warmboot.sdk.image import python_versions
 from warmboot.worker.images.build import (
     BuiltImage,
-    LocalMount,
     build_image,
     image_digest,
     materialize_local_mounts,
 )
+from warmboot.worker.images.local_files import LocalMount
 from warmboot.worker.images.sandbox import OVERLAY_OPTIONS
 
 __all__ = [

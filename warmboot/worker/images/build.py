@@ -20,7 +20,6 @@ keys because their parent changed, and later builds without ``force_build`` reus
 from __future__ import annotations
 
 import base64
-import fnmatch
 import hashlib
 import json
 import logging
@@ -29,45 +28,34 @@ import pickle
 import secrets as tokens
 import shlex
 import shutil
-import stat
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
 from warmboot.errors import ImageBuildError, InvalidOptionError
-from warmboot.sdk.image import SPEC_FORMAT, STEP_FIELDS
-from warmboot.worker.images import debian, hostcfg, oci, registry, sandbox
+from warmboot.worker.images import debian, hostcfg, registry, sandbox
 from warmboot.worker.images.fsutil import atomic_write, flock
 from warmboot.worker.images.layers import DEFAULT_PATH, find_python
+from warmboot.worker.images.local_files import PYTHON_SOURCE_ROOT, LocalMount, copy_source, hash_source, mounts_of
 from warmboot.worker.images.python_layer import python_layer
 from warmboot.worker.images.python_layer import python_versions as add_python_versions
+from warmboot.worker.images.record import record_image
+from warmboot.worker.images.spec import describe, normalize_spec
 
 log = logging.getLogger("warmboot.images")
 
 #: Bumped whenever the layer format or a step's procedure changes, so old layers are not reused.
 LAYER_FORMAT = 1
-#: Where ``add_local_python_source`` puts modules (as Modal does); it goes on the image's PYTHONPATH.
-PYTHON_SOURCE_ROOT = "/root"
 #: Inside the build sandbox: a tmpfs, so nothing placed here ends up in a layer.
 _SANDBOX_TMP = "/tmp/.warmboot"
-_COMMON_FIELDS = ("op", "force_build", "env", "secrets")
 #: Steps that add no layer.
 _METADATA_OPS = ("env",)
 _LOCAL_OPS = ("add_local_file", "add_local_dir", "add_local_python_source")
 
 Progress = Callable[[str], None]
 SecretResolver = Callable[[Sequence[Mapping[str, Any]]], dict[str, str]]
-
-
-@dataclass(frozen=True)
-class LocalMount:
-    """A local file or directory that containers see at ``remote`` (``copy=False``): copied at deploy, not built."""
-
-    local: str  #: absolute host path
-    remote: str  #: absolute path inside the container
-    ignore: tuple[str, ...] = ()  #: glob patterns of paths (relative to ``local``) left out
 
 
 @dataclass(frozen=True)
@@ -160,7 +148,7 @@ def materialize_local_mounts(image: BuiltImage, root: Path) -> tuple[Path, ...]:
     digest = hashlib.sha256(f"warmboot-local-v{LAYER_FORMAT}\0".encode())
     for mount in image.local_mounts:
         digest.update(f"\0{mount.remote}\0".encode())
-        digest.update(_hash_source(Path(mount.local), mount.ignore, what=f"local mount {mount.local}").encode())
+        digest.update(hash_source(Path(mount.local), mount.ignore, what=f"local mount {mount.local}").encode())
     target = root / "local" / digest.hexdigest()[:32]
     if (root / "local" / f"{target.name}.done").exists() and target.is_dir():
         return (target,)
@@ -170,115 +158,13 @@ def materialize_local_mounts(image: BuiltImage, root: Path) -> tuple[Path, ...]:
             tmp = target.parent / f".tmp-{tokens.token_hex(8)}"
             try:
                 for mount in image.local_mounts:
-                    _copy_source(Path(mount.local), tmp / mount.remote.lstrip("/"), mount.ignore)
+                    copy_source(Path(mount.local), tmp / mount.remote.lstrip("/"), mount.ignore)
                 shutil.rmtree(target, ignore_errors=True)
                 os.rename(tmp, target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
             (root / "local" / f"{target.name}.done").touch()
     return (target,)
-
-
-# ----- the spec --------------------------------------------------------------------------------------------
-
-
-def normalize_spec(spec: Any) -> dict[str, Any]:
-    """``spec`` checked (raising :class:`InvalidOptionError` naming what is wrong), in the current format."""
-    if not isinstance(spec, dict):
-        raise InvalidOptionError(f"an image spec must be a dict (Image.to_spec()), got {spec!r}")
-    if "format" not in spec and "python_version" in spec:  # format 1: a virtualenv of that Python
-        spec = {"format": SPEC_FORMAT, "base": {"kind": "debian_slim", "python_version": spec["python_version"]},
-                "steps": spec.get("steps", [])}  # fmt: skip
-    if spec.get("format") != SPEC_FORMAT:
-        raise InvalidOptionError(f"unsupported image spec format {spec.get('format')!r} (this server reads 2)")
-    base = spec.get("base")
-    if not isinstance(base, dict) or base.get("kind") not in ("debian_slim", "registry"):
-        raise InvalidOptionError(f"image spec: base must be debian_slim or registry, got {base!r}")
-    if base["kind"] == "debian_slim":
-        debian.suite_for(str(base.get("python_version")))  # refuses versions this machine cannot build
-    elif not isinstance(base.get("ref"), str) or not base["ref"]:
-        raise InvalidOptionError(f"image spec: registry base needs a ref, got {base!r}")
-    steps = spec.get("steps")
-    if not isinstance(steps, list):
-        raise InvalidOptionError("image spec: steps must be a list")
-    for step in steps:
-        op = step.get("op") if isinstance(step, dict) else None
-        if op not in STEP_FIELDS:
-            raise InvalidOptionError(f"unknown image step {step!r} (known: {', '.join(STEP_FIELDS)})")
-        unknown = set(step) - set(STEP_FIELDS[op]) - set(_COMMON_FIELDS)
-        if unknown:
-            raise InvalidOptionError(f"image step {op}: unknown fields {sorted(unknown)}")
-        _check_step(step)
-    return spec
-
-
-def _check_step(step: dict[str, Any]) -> None:
-    op = step["op"]
-
-    def need(ok: bool, what: str) -> None:
-        if not ok:
-            raise InvalidOptionError(f"image step {op}: {what} (got {step!r})")
-
-    def strings(value: Any) -> bool:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-    if op in ("apt_install", "pip_install"):
-        need(strings(step.get("packages")), "packages must be a list of strings")
-    elif op == "uv_pip_install":
-        need(strings(step.get("packages")) and strings(step.get("requirements", [])), "packages must be strings")
-    elif op == "run_commands":
-        need(strings(step.get("commands")), "commands must be a list of strings")
-    elif op == "env":
-        need(isinstance(step.get("vars"), dict) and all(isinstance(v, str) for v in step["vars"].values()), "vars")
-    elif op == "workdir":
-        need(isinstance(step.get("path"), str) and step["path"].startswith("/"), "path must be absolute")
-    elif op == "run_function":
-        need(isinstance(step.get("pickle"), str), "pickle missing")
-    elif op == "pip_install_from_requirements":
-        need(isinstance(step.get("path"), str), "path missing")
-        need(Path(step["path"]).is_file(), f"requirements file {step.get('path')} does not exist")
-    elif op in ("add_local_file", "add_local_dir"):
-        need(isinstance(step.get("local"), str) and str(step.get("remote", "")).startswith("/"), "local/remote")
-        need(os.path.normpath(step["remote"]) != "/", "remote cannot be /")
-        local = Path(step["local"])
-        if not local.exists():
-            raise InvalidOptionError(f"{op}: local path {local} does not exist")
-        if op == "add_local_dir" and not local.is_dir():
-            raise InvalidOptionError(f"{op}: {local} is not a directory")
-        if op == "add_local_file" and not local.is_file():
-            raise InvalidOptionError(f"{op}: {local} is not a file")
-    elif op == "add_local_python_source":
-        modules = step.get("modules")
-        need(isinstance(modules, dict), "modules must map names to paths (Image.to_spec())")
-        for name, path in modules.items():
-            need(all(part.isidentifier() for part in name.split(".")), f"{name!r} is not a module name")
-            if not Path(path).exists():
-                raise InvalidOptionError(f"add_local_python_source({name!r}): {path} does not exist")
-
-
-def describe(step: dict[str, Any]) -> str:
-    """A step as a progress header: what it runs."""
-    op = step["op"]
-    if op == "apt_install":
-        return "apt-get install " + " ".join(step["packages"])
-    if op == "pip_install":
-        return "pip install " + " ".join(step["packages"])
-    if op == "uv_pip_install":
-        return "uv pip install " + " ".join([*step["packages"], *(f"-r {r}" for r in step.get("requirements", []))])
-    if op == "pip_install_from_requirements":
-        return f"pip install -r {step['path']}"
-    if op == "run_commands":
-        return "run_commands " + " && ".join(step["commands"])
-    if op == "run_function":
-        return f"run_function {step.get('name', '?')}"
-    if op == "env":
-        return "env " + " ".join(sorted(step["vars"]))
-    if op == "workdir":
-        return f"workdir {step['path']}"
-    copy = " (copy)" if step.get("copy") else ""
-    if op == "add_local_python_source":
-        return f"add_local_python_source {' '.join(sorted(step['modules']))}{copy}"
-    return f"{op} {step['local']} -> {step['remote']}{copy}"
 
 
 # ----- the build -------------------------------------------------------------------------------------------
@@ -414,7 +300,7 @@ class _Build:
             return replace(state, chain=key, env={**state.env, **step["vars"]})
         if op in _LOCAL_OPS and not step.get("copy"):
             self.emit_header(header, cached=True)
-            return replace(state, chain=key, local_mounts=[*state.local_mounts, *_mounts_of(step)],
+            return replace(state, chain=key, local_mounts=[*state.local_mounts, *mounts_of(step)],
                            python_source=state.python_source or op == "add_local_python_source")  # fmt: skip
         if op == "workdir":
             path = step["path"]
@@ -448,12 +334,12 @@ class _Build:
         parts = [f"layer-v{LAYER_FORMAT}", state.chain, _canonical(canonical)]
         op = step["op"]
         if op in _LOCAL_OPS and step.get("copy"):
-            for mount in _mounts_of(step):
-                parts.append(_hash_source(Path(mount.local), mount.ignore, what=f"{op} {mount.local}"))
+            for mount in mounts_of(step):
+                parts.append(hash_source(Path(mount.local), mount.ignore, what=f"{op} {mount.local}"))
         elif op == "pip_install_from_requirements":
-            parts.append(_hash_source(Path(step["path"]), (), what="requirements"))
+            parts.append(hash_source(Path(step["path"]), (), what="requirements"))
         elif op == "uv_pip_install":
-            parts += [_hash_source(Path(r), (), what="requirements") for r in step.get("requirements", [])]
+            parts += [hash_source(Path(r), (), what="requirements") for r in step.get("requirements", [])]
         return _sha(*parts)
 
     def cached_layer(self, key: str) -> Path | None:
@@ -499,9 +385,9 @@ class _Build:
             (upper / step["path"].lstrip("/")).mkdir(parents=True, mode=0o755)
             return
         if op in _LOCAL_OPS:
-            for mount in _mounts_of(step):
+            for mount in mounts_of(step):
                 try:
-                    _copy_source(Path(mount.local), upper / mount.remote.lstrip("/"), mount.ignore)
+                    copy_source(Path(mount.local), upper / mount.remote.lstrip("/"), mount.ignore)
                 except OSError as exc:
                     self.fail(header, f"copy {mount.local} -> {mount.remote}", (str(exc),))
                 self.say(f"copied {mount.local} -> {mount.remote}")
@@ -642,7 +528,7 @@ class _Build:
         for line in self.pending:  # all layers were cached, the image itself is new (a metadata change)
             self.say(line)
         self.pending.clear()
-        _record_oci(self.root, image, state, self.say)
+        record_image(self.root, image, state.extra_descriptors, self.say)
         atomic_write(marker, json.dumps(image.to_json(), indent=2) + "\n")
         self.say(f"Image {digest} built in {time.monotonic() - self.started:.1f} s")
         return image
@@ -650,144 +536,6 @@ class _Build:
 
 class _NotCached(Exception):
     """A dry run met a step whose layer is not cached."""
-
-
-# ----- OCI layout ------------------------------------------------------------------------------------------
-
-
-def _record_oci(root: Path, image: BuiltImage, state: _State, say: Progress) -> None:
-    """Record ``image`` in the OCI image layout ``root/oci`` (named ``warmboot/<digest>``).
-
-    Base layers live in the host-wide cache, shared by every home: their blobs are written once into a
-    host-wide layout and hard-linked (or copied, across filesystems) into this one.
-    """
-    layout = oci.Layout(root / "oci")
-    layout.ensure()
-    shared_root = debian.cache_dir()
-    descriptors = []
-    for layer in image.layers:
-        desc = state.extra_descriptors.get(layer)
-        if desc is None and layer.is_relative_to(shared_root):
-            shared = oci.Layout(shared_root / "oci")
-            shared.ensure()
-            with flock(shared_root / "oci.lock"):
-                desc = shared.write_layer(layer)
-            if not layout.has_blob(desc.digest):
-                say(f"recording base layer {desc.digest[:19]} in {layout.path}")
-                _link_or_copy(shared.blob_path(desc.digest), layout.blob_path(desc.digest))
-        elif desc is None:
-            desc = layout.write_layer(layer)
-        descriptors.append(desc)
-    config = oci.ImageConfig(env=dict(image.env), workdir=image.workdir)
-    layout.write_image(descriptors, config, f"warmboot/{image.digest}")
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.{tokens.token_hex(4)}")
-    try:
-        os.link(src, tmp)
-    except OSError:
-        shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
-
-
-# ----- local files -----------------------------------------------------------------------------------------
-
-
-def _mounts_of(step: dict[str, Any]) -> list[LocalMount]:
-    """Where an ``add_local_*`` step puts which local path."""
-    op = step["op"]
-    ignore = tuple(step.get("ignore", ()))
-    if op == "add_local_python_source":
-        mounts = []
-        for name, path in step["modules"].items():
-            rel = "/".join(name.split("."))
-            remote = f"{PYTHON_SOURCE_ROOT}/{rel}" + (".py" if Path(path).is_file() else "")
-            mounts.append(LocalMount(path, remote, ignore))
-        return mounts
-    return [LocalMount(step["local"], os.path.normpath(step["remote"]), ignore)]
-
-
-def _ignored(rel: str, patterns: Sequence[str]) -> bool:
-    """Whether ``rel`` (a POSIX path relative to the added directory) is left out: the last matching pattern
-    decides, ``!pattern`` re-includes, and a pattern matching a directory covers what is under it."""
-    result = False
-    for pattern in patterns:
-        negate = pattern.startswith("!")
-        if _matches(rel, pattern[1:] if negate else pattern):
-            result = not negate
-    return result
-
-
-def _matches(rel: str, pattern: str) -> bool:
-    pattern = pattern.strip("/")
-    parts = rel.split("/")
-    for end in range(1, len(parts) + 1):
-        if fnmatch.fnmatchcase("/".join(parts[:end]), pattern):
-            return True
-        if pattern.startswith("**/") and any(
-            fnmatch.fnmatchcase("/".join(parts[start:end]), pattern[3:]) for start in range(end)
-        ):
-            return True
-    return False
-
-
-def _walk(src: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Path]]:
-    """``(relative path, path)`` of what a copy of ``src`` takes, sorted, directories before their contents."""
-    if not src.is_dir():
-        yield "", src
-        return
-    for current, dirnames, filenames in os.walk(src):
-        base = Path(current)
-        rel_base = base.relative_to(src).as_posix()
-        rel_base = "" if rel_base == "." else rel_base + "/"
-        dirnames[:] = sorted(d for d in dirnames if not _ignored(rel_base + d, ignore))
-        for name in sorted(dirnames + filenames):
-            if name in filenames and _ignored(rel_base + name, ignore):
-                continue
-            yield rel_base + name, base / name
-
-
-def _hash_source(src: Path, ignore: Sequence[str], *, what: str) -> str:
-    """The content hash of what a copy of ``src`` (file or directory, less ``ignore``) takes."""
-    if not src.exists():
-        raise InvalidOptionError(f"{what}: {src} does not exist")
-    digest = hashlib.sha256()
-    try:
-        for rel, path in _walk(src, ignore):
-            st = path.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                digest.update(f"\0l {rel} {os.readlink(path)}\0".encode())
-            elif stat.S_ISDIR(st.st_mode):
-                digest.update(f"\0d {rel} {st.st_mode & 0o7777:o}\0".encode())
-            elif stat.S_ISREG(st.st_mode):
-                content = hashlib.sha256()
-                with open(path, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        content.update(chunk)
-                digest.update(f"\0f {rel} {st.st_mode & 0o7777:o} {content.hexdigest()}\0".encode())
-    except OSError as exc:
-        raise InvalidOptionError(f"{what}: cannot read {src}: {exc}") from exc
-    return digest.hexdigest()
-
-
-def _copy_source(src: Path, dst: Path, ignore: Sequence[str]) -> None:
-    """Copy ``src`` (file or directory, less ``ignore``) to ``dst``: modes kept, owned by root, symlinks as such."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        dst.mkdir(exist_ok=True)
-        os.chmod(dst, src.stat().st_mode & 0o7777)
-    for rel, path in _walk(src, ignore):
-        target = dst / rel if rel else dst
-        st = path.lstat()
-        if stat.S_ISLNK(st.st_mode):
-            target.symlink_to(os.readlink(path))
-        elif stat.S_ISDIR(st.st_mode):
-            target.mkdir(exist_ok=True)
-            os.chmod(target, st.st_mode & 0o7777)
-        elif stat.S_ISREG(st.st_mode):
-            shutil.copyfile(path, target)
-            os.chmod(target, st.st_mode & 0o7777)
 
 
 # ----- tools the sandbox borrows from the host -------------------------------------------------------------
