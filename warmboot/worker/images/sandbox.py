@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from warmboot.worker.images.commands import run_streaming
+from warmboot.worker.images.layers import lookup_path
 
 #: overlayfs options that keep each upperdir self-contained (see the module docstring). Containers mounting
 #: the layers should use the same ones.
@@ -99,35 +100,9 @@ def run(
 
 
 def _exists_in(layers: Sequence[Path], rel: str) -> bool:
-    """Whether ``rel`` exists in the overlay of ``layers`` (bottom first), honouring whiteouts and opaque dirs."""
-    parts = rel.strip("/").split("/")
-    for layer in reversed(layers):  # top first
-        path = layer.joinpath(*parts)
-        try:
-            st = path.lstat()
-        except OSError:
-            # a whiteout or an opaque directory on the way hides what lies below
-            if _hidden_below(layer, parts):
-                return False
-            continue
-        return not (stat.S_ISCHR(st.st_mode) and st.st_rdev == 0)
-    return False
-
-
-def _hidden_below(layer: Path, parts: list[str]) -> bool:
-    current = layer
-    for part in parts[:-1]:
-        current = current / part
-        try:
-            st = current.lstat()
-        except OSError:
-            return False
-        if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-            return True
-        with contextlib.suppress(OSError):
-            if os.getxattr(current, "trusted.overlay.opaque", follow_symlinks=False) == b"y":
-                return True
-    return False
+    """Whether ``rel`` exists in the overlay of ``layers`` (bottom first): symlinks resolved inside the stack,
+    never through the host's own files, and whiteouts and opaque directories honoured."""
+    return lookup_path(layers, "/" + rel.strip("/")) is not None
 
 
 def _missing_mount_points(lowers: Sequence[Path], upper: Path, targets: list[str], cwd: str) -> list[str]:
