@@ -7,7 +7,7 @@ What a container is (docs/security.md has the threat model, docs/sandbox-choice.
 
 - its own PID, mount, network, IPC and UTS namespaces (util-linux ``unshare``);
 - an overlayfs root: the image's layers read-only, a writable layer of its own (``run_dir/upper``) that is
-  discarded when it ends; then ``pivot_root``, so nothing of the host's mount tree is left in it;
+  discarded when it ends; the init ``pivot_root``s into it, so nothing of the host's mount tree is left;
 - a /proc of its own PID namespace with the kernel's global knobs read-only, a read-only /sys, a /dev with
   the standard nodes only (they come from the runtime layer), private tmpfs /tmp and /dev/shm, and the
   volumes: the only host directories bind-mounted in;

@@ -196,7 +196,6 @@ class FunctionContainer:
         if self.plan.network and self._network is None:
             self._network = network.Network(self.container.pid)
         if self.plan.gpus is not None and self.plan.gpus_after_snapshot:
-            assert self.container is not None
             gpu_devices.add_to_container(self.container.pid, self.plan.gpus.nodes())
             env.update(self.plan.gpus.visible_env())
         gpus_added = self.plan.gpus is not None and self.plan.gpus_after_snapshot
