@@ -5,11 +5,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import faulthandler
-import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import threading
 import time
@@ -26,7 +24,7 @@ from warmboot.errors import (
     ServerError,
     WarmbootError,
 )
-from warmboot.server.images import ResolvedImage, resolve_image
+from warmboot.server.images import ResolvedImage, code_layer, resolve_image
 from warmboot.server.logs import LogBook
 from warmboot.server.pool import Call, FunctionPool, PoolSettings, SnapshotPlan
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
@@ -68,10 +66,7 @@ class RunningApp:
             return self.pools[tag]
 
     def _secret_env(self, fspec: dict[str, Any]) -> dict[str, str]:
-        env: dict[str, str] = {}
-        for secret in fspec["secrets"]:
-            env.update(self.server.state.get_secret(secret["name"]) if secret.get("name") else secret["values"])
-        return env
+        return self.server.secret_env(fspec["secrets"])
 
     def _make_pool(self, tag: str) -> FunctionPool:
         fspec = self.function_spec(tag)
@@ -256,22 +251,12 @@ class Server:
                     fspec["image"],
                     self.home,
                     progress=lambda line: emit({"log": line}),
-                    secrets=self._build_secrets,
+                    secrets=self.secret_env,
                 )
             # The image is pinned here, by digest and layer paths: container starts never build or hash.
             fspec["image_digest"] = built[key].image.digest
             fspec["resolved_image"] = built[key].to_json()
-        source: bytes = msg["source"]
-        code_dir = self.home / "code" / hashlib.sha256(source + msg["filename"].encode()).hexdigest()[:16]
-        if not code_dir.is_dir():  # a layer holding the app file at APP_DIR, as Modal puts it under /root
-            tmp = code_dir.with_name(code_dir.name + f".tmp-{os.getpid()}-{threading.get_ident()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / APP_DIR.lstrip("/")).mkdir(parents=True)
-            (tmp / APP_DIR.lstrip("/") / msg["filename"]).write_bytes(source)
-            os.chmod(tmp / APP_DIR.lstrip("/"), 0o700)
-            with contextlib.suppress(OSError):  # another deploy of the same code made it first
-                os.rename(tmp, code_dir)
-            shutil.rmtree(tmp, ignore_errors=True)
+        code_dir = code_layer(self.home / "code", msg["filename"], msg["source"], APP_DIR)
         ephemeral = bool(msg.get("ephemeral"))
         previous = None
         if not ephemeral:
@@ -300,8 +285,8 @@ class Server:
         app.start_min_containers()
         return {"app_id": record.app_id, "name": name, "version": record.version, "functions": list(functions)}
 
-    def _build_secrets(self, secrets: Sequence[Mapping[str, Any]]) -> dict[str, str]:
-        """A build step's secrets as environment variables: named ones from the state, inline ones as given."""
+    def secret_env(self, secrets: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+        """Secrets (``Secret.to_spec()`` dicts) as environment variables: named ones read from the state now."""
         env: dict[str, str] = {}
         for secret in secrets:
             env.update(self.state.get_secret(secret["name"]) if secret.get("name") else secret["values"])

@@ -1,7 +1,12 @@
-"""Images as a deploy pins them: the built image plus its local files, resolved once, reused by every start."""
+"""What a deploy pins for its containers: the built image plus its local files, and the app's code layer."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import os
+import shutil
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,3 +44,20 @@ def resolve_image(
     root = home / "images"
     image = images.build_image(spec, root=root, progress=progress, secrets=secrets)
     return ResolvedImage(image, images.materialize_local_mounts(image, root))
+
+
+def code_layer(root: Path, filename: str, source: bytes, app_dir: str) -> Path:
+    """A content-addressed layer holding the app file at ``app_dir`` (made once; concurrent deploys agree)."""
+    layer = root / hashlib.sha256(source + filename.encode()).hexdigest()[:16]
+    if layer.is_dir():
+        return layer
+    tmp = layer.with_name(f"{layer.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    target = tmp / app_dir.lstrip("/")
+    target.mkdir(parents=True)
+    (target / filename).write_bytes(source)
+    os.chmod(target, 0o700)  # /root is root's own, as in the image
+    with contextlib.suppress(OSError):  # another deploy of the same code made it first
+        os.rename(tmp, layer)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return layer
