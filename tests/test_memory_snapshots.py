@@ -561,3 +561,43 @@ def test_memory_limit_holds_in_a_restored_container(platform: Platform) -> None:
         """
     )
     assert f"container {restored}" in out.stdout and "out of memory" in out.stdout, out.stdout
+
+
+def test_restored_copy_has_a_fresh_network_namespace_with_loopback(platform: Platform) -> None:
+    """Each restored copy gets a network namespace of its own (CRIU does not recreate the snapshot's), with
+    loopback up: a server and a client inside the copy talk over 127.0.0.1."""
+    app = _unique("snap-loopback")
+    label = f"{app}.Echo"
+    path = _deploy(
+        platform,
+        app,
+        """
+        import os
+        import socket
+        import threading
+
+        @app.cls(enable_memory_snapshot=True)
+        class Echo:
+            @modal.method()
+            def roundtrip(self, hold=0.0):
+                import time
+
+                time.sleep(hold)  # keeps this container busy, so that a second input gets a copy of its own
+                with socket.create_server(("127.0.0.1", 0)) as listener:
+                    got = []
+                    thread = threading.Thread(target=lambda: got.append(listener.accept()[0].recv(5)))
+                    thread.start()
+                    with socket.create_connection(listener.getsockname(), timeout=5) as client:
+                        client.sendall(b"hello")
+                    thread.join(timeout=5)
+                return {"echo": got[0].decode(), "netns": os.readlink("/proc/self/ns/net"),
+                        "container": os.environ["WARMBOOT_CONTAINER_ID"]}
+        """,
+    )
+    first = _call(platform, app, "Echo", "roundtrip")
+    _new_cold_start(platform, app, path)
+    copies = _call(platform, app, "Echo", "roundtrip", 1.5, spawn=2)  # two copies alive at once
+    restored = _restored_ids(platform, label)
+    assert sorted(r["container"] for r in copies) == sorted(restored), platform.log_text(app)[-3000:]
+    assert [r["echo"] for r in [first, *copies]] == ["hello"] * 3
+    assert copies[0]["netns"] != copies[1]["netns"], copies

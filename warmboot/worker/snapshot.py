@@ -35,7 +35,7 @@ from warmboot.errors import (
 )
 from warmboot.worker import container as containers
 from warmboot.worker import criu, host
-from warmboot.worker.sandbox import rootfs
+from warmboot.worker.sandbox import netns, rootfs
 
 log = logging.getLogger("warmboot.snapshot")
 
@@ -86,6 +86,7 @@ class Snapshot:
 
 
 UPPER_COPY = "rootfs-upper"  #: the container's writable layer at dump time (see sandbox.rootfs)
+_NETNS_KEY = "wb-netns"  #: CRIU's name for the container's network namespace, declared external
 
 
 def _hash_file(path: Path) -> str:
@@ -196,8 +197,10 @@ class SnapshotStore:
         tmp.mkdir(mode=0o700)
         started = time.monotonic()
         try:
-            # The container's network namespace has only loopback until START: there is no traffic to lock.
+            # The container's network namespace has only loopback until START: there is no traffic to lock, and
+            # nothing in it to save: it is external, and each restore gets a fresh one (sandbox/netns.py).
             args = ["dump", "-t", str(target.pid), "-D", str(tmp), "-W", str(tmp), "--network-lock", "skip"]
+            args += ["--external", f"net[{netns.inode(target.pid)}]:{_NETNS_KEY}"]
             # Volumes are the only host directories in a container: CRIU binds them back from the host.
             external = {f"wb-vol-{i}": {"target": m.target, "source": m.source} for i, m in enumerate(target.mounts)}
             for key, mount in external.items():
@@ -265,6 +268,7 @@ class SnapshotStore:
             "cpu": {"model": fp.cpu_model, "flags_sha256": fp.cpu_flags_sha256, "id": fp.cpu},
             "channels": target.pipe_ids,
             "external_mounts": external,
+            "external_netns": _NETNS_KEY,
             "layers": [str(p) for p in target.layers],
             "files": files,
             "total_bytes": sum(f["size"] for f in files.values()),
@@ -373,11 +377,19 @@ class SnapshotStore:
             args += ["--external", f"mnt[{key}]:{mount['source']}"]
         for role, old_pipe in snapshot.manifest["channels"].items():
             args += ["--inherit-fd", f"fd[{pipes.container_fds[role]}]:{old_pipe}"]
+        passed = list(pipes.container_fds.values())
+        netns_fd = None
+        if key := snapshot.manifest.get("external_netns"):
+            netns_fd = netns.fresh()
+            args += ["--inherit-fd", f"fd[{netns_fd}]:{key}"]
+            passed.append(netns_fd)
         try:
-            result = criu.run(args, log_path=log_path, pass_fds=tuple(pipes.container_fds.values()))
+            result = criu.run(args, log_path=log_path, pass_fds=tuple(passed))
             restored = time.monotonic()
         finally:
             pipes.close_container_ends()
+            if netns_fd is not None:
+                os.close(netns_fd)
             with contextlib.suppress(OSError):
                 rootfs.detach(run_dir)
         if result.returncode != 0:
