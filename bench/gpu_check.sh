@@ -45,10 +45,15 @@ fi
 echo "== CRIU: $WARMBOOT_CRIU ($("$WARMBOOT_CRIU" --version 2>&1 | head -1))"
 command -v nvidia-smi >/dev/null && nvidia-smi -L
 
-timeout -k 10 200 "$PY" bench/gpu_check.py --python "$PY" "$@"
+# The device machine has no network, so it cannot build images: its own root filesystem (with the torch install
+# at $PY) is the containers' image, as one read-only overlay layer under the runtime layer. The other layers and
+# the run dirs go to /dev/shm, another filesystem: overlayfs refuses a layer nested inside another one ('/').
+WORK=/dev/shm/warmboot-gpu-check
+timeout -k 10 200 "$PY" bench/gpu_check.py --layer / --python "$PY" --work "$WORK/check" --images "$WORK/images" "$@"
 rc=$?
 echo "== CPU memory snapshot of a GPU function (phases), through the worker"
-timeout -k 10 100 "$PY" bench/gpu_phases_check.py "$PY" 2>&1 | tee "$OUT/gpu_phases.log"
+timeout -k 10 100 "$PY" bench/gpu_phases_check.py --layer / --python "$PY" --work "$WORK" --images "$WORK/images" \
+    2>&1 | tee "$OUT/gpu_phases.log"
 rc2=${PIPESTATUS[0]}
 echo "== gpu_phases_check.py exit status $rc2"
 [ "$rc" = 0 ] && rc=$rc2

@@ -69,13 +69,20 @@ def main() -> int:
     parser.add_argument("--layer", action="append", help="a prebuilt root filesystem layer (repeatable, bottom first)")
     parser.add_argument("--python", help="with --layer: the interpreter, as a path inside that root filesystem")
     parser.add_argument("--images", default="/var/tmp/warmboot-gpu-check-images", help="where images are built")
+    parser.add_argument(
+        "--work",
+        default="/var/tmp",
+        help="where the code, driver and runtime layers and run dirs go (on another filesystem than '/' when "
+        "'/' itself is a --layer: overlayfs refuses layers nested inside one another)",
+    )
     parser.add_argument("host_python", nargs="?", help=argparse.SUPPRESS)  # what bench/gpu_check.sh still passes
     opts = parser.parse_args()
     if opts.host_python:
         parser.error("a host interpreter cannot run a function: it runs on a root filesystem (--layer, --python)")
     if bool(opts.layer) != bool(opts.python):
         parser.error("--layer and --python go together: the function runs on a root filesystem, not on the host")
-    work = Path(tempfile.mkdtemp(prefix="gpu-phases-", dir="/var/tmp"))
+    Path(opts.work).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpu-phases-", dir=opts.work))
     if opts.layer:
         layers, python, env = tuple(Path(p) for p in opts.layer), opts.python, {"PATH": os.environ["PATH"]}
     else:
