@@ -6,6 +6,7 @@ failures isolated, and lets N restores of one snapshot run in parallel without a
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import re
 import subprocess
@@ -69,10 +70,40 @@ def error_lines(log_path: Path) -> list[str]:
     return found
 
 
+#: Where CRIU's kernel-feature cache lives between runs (a directory on a tmpfs; see _kdat_cache_prefix).
+KDAT_DIR = Path("/dev/shm/warmboot-criu")
+_TMPFS_MAGIC = 0x01021994
+
+
+@functools.cache
+def _kdat_cache_prefix() -> tuple[str, ...]:
+    """A command prefix that lets CRIU keep its kernel-feature cache, or nothing where it already can.
+
+    CRIU probes the kernel's features on every run (about 23 ms measured here, of a 78 ms W0 restore) unless it
+    finds them cached in /run/criu.kdat, and it writes that cache only when /run is a tmpfs (so that a reboot
+    into another kernel drops it). Where /run is not one, as on this project's machines, CRIU runs in a mount
+    namespace of its own with a directory of a host tmpfs bound over /run: the cache survives from run to run
+    and still vanishes at reboot. Costs an unshare and a mount (a few ms); nothing of the host changes.
+    """
+    if _fs_type("/run") == _TMPFS_MAGIC or _fs_type(KDAT_DIR.parent) != _TMPFS_MAGIC:
+        return ()
+    KDAT_DIR.mkdir(mode=0o700, exist_ok=True)
+    script = f'mount --bind {KDAT_DIR} /run && exec "$@"'
+    return ("unshare", "--mount", "--propagation", "slave", "--", "sh", "-c", script, "criu")
+
+
+def _fs_type(path: str | Path) -> int | None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)  # struct statfs; f_type is its first field
+    if libc.statfs(str(path).encode(), buf) != 0:
+        return None
+    return int.from_bytes(buf.raw[:8], "little", signed=True)
+
+
 def run(args: Sequence[str], *, log_path: Path, pass_fds: Sequence[int] = (), timeout: float = 300) -> CriuResult:
     """Run ``criu ARGS`` with its log at ``log_path``; never raises for CRIU's own failure."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [str(binary()), *args, "--log-file", str(log_path), "-v2"]
+    cmd = [*_kdat_cache_prefix(), str(binary()), *args, "--log-file", str(log_path), "-v2"]
     proc = subprocess.run(
         cmd,
         pass_fds=tuple(pass_fds),
