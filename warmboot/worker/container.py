@@ -250,7 +250,7 @@ def _high_fd(fd: int) -> int:
 
 
 def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
-    """The bash script run as the new PID namespace's first process: mounts, pivot_root, then the init.
+    """The bash script run as the new PID namespace's first process: the mounts, then the init (which swaps roots).
 
     bash rather than sh because the fd numbers to remap may have two digits. Each step that runs a program
     costs about 2 ms of every cold start (restores do not run this script): keep them few.
@@ -312,7 +312,7 @@ def start(spec: ContainerSpec, *, ready_timeout: float = 5.0) -> Container:
     namespaces = ["--pid", "--fork", "--mount", "--net", "--ipc", "--uts"]
     argv = ["unshare", *namespaces, "--", "bash", "-c", script, "warmboot-launcher", *spec.argv]
     env = dict(spec.env) if spec.env is not None else {}
-    # The launcher runs the host's mount, ip and pivot_root, then sets the container's PATH before the init.
+    # The launcher runs the host's mount and ip, then sets the container's PATH before the init.
     try:
         launcher = subprocess.Popen(
             argv,
