@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Host set-up for warmboot: idempotent, non-interactive, run as root by `make demo` and `make test`.
-#  1. a CRIU that passes `criu check` on this kernel (scripts/install-criu.sh)
-#  2. the Python virtualenv with warmboot and its dependencies (skipped when pyproject.toml is unchanged)
+#  1. the Debian packages containers and image builds use (below)
+#  2. a CRIU that passes `criu check` on this kernel (scripts/install-criu.sh)
+#  3. the static container init (scripts/build-init.sh)
+#  4. the Python virtualenv with warmboot and its dependencies (skipped when pyproject.toml is unchanged)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,40 +12,25 @@ if [ "$(id -u)" != 0 ]; then
   exit 1
 fi
 
+# Debian packages, installed (one apt run) only when a command is missing:
+# - containers: slirp4netns gives them outbound network after the snapshot point; ip brings up their loopback;
+# - image builds: mmdebstrap bootstraps debian_slim bases from Debian's packages; bubblewrap is the build sandbox;
+# - OCI images: skopeo copies images between registries and the local OCI layout (Image.from_registry); zstd
+#   unpacks zstd-compressed layers; the tests serve images from Debian's docker-registry (the CNCF distribution
+#   server) on loopback. Its package would also start a registry on :5000 for every interface, so a registry
+#   service installed here is stopped and disabled again: warmboot only runs its own, on loopback.
 need_apt=()
-command -v unshare >/dev/null || need_apt+=(util-linux)
-command -v mount >/dev/null || need_apt+=(mount)
-# Containers: slirp4netns gives them outbound network after the snapshot point; ip brings up their loopback.
-command -v slirp4netns >/dev/null || need_apt+=(slirp4netns)
-command -v ip >/dev/null || need_apt+=(iproute2)
+for pair in unshare:util-linux mount:mount slirp4netns:slirp4netns ip:iproute2 mmdebstrap:mmdebstrap \
+  bwrap:bubblewrap skopeo:skopeo zstd:zstd docker-registry:docker-registry; do
+  command -v "${pair%%:*}" >/dev/null || need_apt+=("${pair#*:}")
+done
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "[setup] installing ${need_apt[*]} from apt" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}" >/dev/null
-fi
-
-# OCI images: skopeo copies images between registries and the local OCI layout (Image.from_registry); zstd
-# unpacks zstd-compressed layers; the tests serve images from Debian's docker-registry (the CNCF distribution
-# server) on loopback. Its package would also start a registry on :5000 for every interface, so a registry
-# service this block installs is stopped and disabled again: warmboot only runs its own, on loopback.
-need_oci=()
-command -v skopeo >/dev/null || need_oci+=(skopeo)
-command -v zstd >/dev/null || need_oci+=(zstd)
-command -v docker-registry >/dev/null || need_oci+=(docker-registry)
-if [ ${#need_oci[@]} -gt 0 ]; then
-  echo "[setup] installing ${need_oci[*]} from apt (OCI images)" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_oci[@]}" >/dev/null
-  if [[ " ${need_oci[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  if [[ " ${need_apt[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
     systemctl disable --now docker-registry >/dev/null 2>&1 || true
   fi
-fi
-
-# Image builds: mmdebstrap bootstraps debian_slim bases from Debian's packages; bubblewrap is the build sandbox.
-need_images=()
-command -v mmdebstrap >/dev/null || need_images+=(mmdebstrap)
-command -v bwrap >/dev/null || need_images+=(bubblewrap)
-if [ ${#need_images[@]} -gt 0 ]; then
-  echo "[setup] installing ${need_images[*]} from apt (image builds)" >&2
-  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_images[@]}" >/dev/null
 fi
 
 bash scripts/install-criu.sh
