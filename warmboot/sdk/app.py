@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from warmboot import validation
 from warmboot.errors import InvalidOptionError
 from warmboot.sdk import options as option_rules
 from warmboot.sdk.function import Cls, Function
@@ -37,7 +38,7 @@ class App:
         volumes: dict[str, Volume] | None = None,
         reseed_after_restore: bool = True,
     ):
-        self.name = name
+        self.name = validation.name("app", name) if name is not None else None
         # Reseed `random` (and numpy/torch) in containers restored from a memory snapshot, so copies differ.
         self.reseed_after_restore = bool(reseed_after_restore)
         self.image = image

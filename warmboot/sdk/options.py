@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from warmboot import validation
 from warmboot.errors import InvalidOptionError
 
 DEFAULTS: dict[str, Any] = {
@@ -35,9 +36,8 @@ def check(decorator: str, given: dict[str, Any]) -> dict[str, Any]:
             f"valid options are: {', '.join(DEFAULTS)}"
         )
     opts = {**DEFAULTS, **given}
-    for name in ("timeout", "scaledown_window"):
-        if not isinstance(opts[name], int | float) or opts[name] <= 0:
-            raise InvalidOptionError(f"{decorator}: {name}= must be a positive number of seconds, got {opts[name]!r}")
+    opts["timeout"] = validation.timeout(f"{decorator}: timeout", opts["timeout"])
+    opts["scaledown_window"] = validation.timeout(f"{decorator}: scaledown_window", opts["scaledown_window"])
     for name in ("retries", "min_containers", "max_containers"):
         if not isinstance(opts[name], int) or opts[name] < 0:
             raise InvalidOptionError(f"{decorator}: {name}= must be a non-negative integer, got {opts[name]!r}")
@@ -53,10 +53,11 @@ def check(decorator: str, given: dict[str, Any]) -> dict[str, Any]:
         raise InvalidOptionError(f"{decorator}: cpu= is a number of cores (e.g. 0.5 or 2), got {opts['cpu']!r}")
     if not isinstance(opts["block_network"], bool):
         raise InvalidOptionError(f"{decorator}: block_network= must be True or False, got {opts['block_network']!r}")
-    if not isinstance(opts["volumes"], dict) or not all(str(p).startswith("/") for p in opts["volumes"]):
+    if not isinstance(opts["volumes"], dict):
         raise InvalidOptionError(f"{decorator}: volumes= maps absolute paths to Volumes, got {opts['volumes']!r}")
-    if not isinstance(opts["env"], dict):
-        raise InvalidOptionError(f"{decorator}: env= must be a dict of strings, got {opts['env']!r}")
+    for path in opts["volumes"]:
+        validation.mount_point(f"{decorator}: volumes=", path)
+    opts["env"] = validation.environment(f"{decorator}: env=", opts["env"])
     unknown_exp = sorted(set(opts["experimental_options"]) - KNOWN_EXPERIMENTAL)
     if unknown_exp:
         raise InvalidOptionError(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from warmboot.errors import InvalidOptionError
+from warmboot import validation
 
 
 class Secret:
@@ -17,13 +17,11 @@ class Secret:
 
     @classmethod
     def from_dict(cls, values: dict[str, str]) -> Secret:
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in values.items()):
-            raise InvalidOptionError("Secret.from_dict() takes a dict of strings to strings")
-        return cls(values=dict(values))
+        return cls(values=validation.environment("Secret.from_dict()", values))
 
     @classmethod
     def from_name(cls, name: str) -> Secret:
-        return cls(name=name)
+        return cls(name=validation.name("secret", name))
 
     def to_spec(self) -> dict[str, object]:
         return {"name": self.name} if self.name else {"values": self.values}

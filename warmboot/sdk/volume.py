@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import re
-
-from warmboot.errors import InvalidOptionError
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+from warmboot import validation
 
 
 class Volume:
@@ -21,9 +17,7 @@ class Volume:
     """
 
     def __init__(self, name: str, create_if_missing: bool):
-        if not _NAME.match(name):
-            raise InvalidOptionError(f"volume name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
-        self.name = name
+        self.name = validation.name("volume", name)
         self.create_if_missing = create_if_missing
 
     @classmethod

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import warmboot
-from warmboot import config
+from warmboot import config, validation
 from warmboot.errors import (
     InvalidOptionError,
     NotFoundError,
@@ -39,6 +39,21 @@ log = logging.getLogger("warmboot.server")
 
 APP_DIR = "/root"  # where the app's file appears in its containers (Modal's place for it too)
 _FINISHED_CALL_TTL = 3600.0
+
+
+def _check_function(label: str, fspec: dict[str, Any]) -> None:
+    """The rules the SDK applies at decoration, again: a deploy request need not come from our SDK."""
+    opts = fspec["options"]
+    validation.timeout(f"{label}: timeout", opts["timeout"])
+    validation.timeout(f"{label}: scaledown_window", opts["scaledown_window"])
+    validation.environment(f"{label}: env=", opts["env"])
+    for path in fspec["volumes"]:
+        validation.mount_point(f"{label}: volumes=", path)
+    for secret in fspec["secrets"]:
+        if secret.get("name"):
+            validation.name("secret", secret["name"])
+        else:
+            validation.environment(f"{label}: Secret.from_dict()", secret.get("values"))
 
 
 class RunningApp:
@@ -219,14 +234,14 @@ class Server:
         spec, name = msg["spec"], msg.get("name") or msg["spec"].get("name")
         if not name:
             raise InvalidOptionError("the App has no name: give it one, App('my-app'), or pass --name")
-        if name.startswith("ap-") or "/" in name or name.startswith("."):
-            raise InvalidOptionError(
-                f"app name {name!r}: names may not start with 'ap-' (app ids do) or '.', nor contain '/'"
-            )
+        validation.name("app", name)
+        if name.startswith("ap-"):
+            raise InvalidOptionError(f"app name {name!r}: names may not start with 'ap-' (app ids do)")
         functions = spec["functions"]
         if not functions:
             raise InvalidOptionError(f"app {name!r} defines no @app.function or @app.cls: nothing to deploy")
         for tag, fspec in functions.items():
+            _check_function(f"{name}.{tag}", fspec)
             if fspec["options"].get("gpu"):
                 gpus.check_request(fspec["options"]["gpu"], f"{name}.{tag}")
             for path, vol in fspec["volumes"].items():
@@ -367,6 +382,8 @@ class Server:
         return [{"app": a.record.name, **c} for a in apps for p in list(a.pools.values()) for c in p.describe()]
 
     def op_secret_create(self, msg: dict[str, Any]) -> str:
+        validation.name("secret", msg["name"])
+        validation.environment(f"secret {msg['name']}", msg["values"])
         self.state.put_secret(msg["name"], msg["values"])
         return msg["name"]
 
@@ -374,7 +391,7 @@ class Server:
         return self.state.list_secrets()
 
     def op_logs(self, msg: dict[str, Any], emit: Any) -> None:
-        name = msg["app"]
+        name = validation.name("app", msg["app"])  # a name, never a path: logs/<name>.log and nothing else
         if name.startswith("ap-"):
             name = self.state.get_app(name).name
         elif not self.logs.path(name).exists():
