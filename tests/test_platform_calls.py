@@ -466,3 +466,35 @@ def test_example_memory_snapshot_class(platform: Platform) -> None:
     listed = platform.cli("app", "list").stdout
     assert "memory-snapshot-class" in listed
     assert "MyCls" in listed
+
+
+def test_calling_a_function_from_inside_a_container_is_a_clear_error(platform: Platform) -> None:
+    """Containers cannot reach the server (by design); the SDK says so instead of starting a server inside."""
+    path = platform.write_app(
+        "calls_nested",
+        """
+        import warmboot as modal
+
+        app = modal.App("calls-nested")
+
+        @app.function()
+        def inner():
+            return 1
+
+        @app.function()
+        def outer():
+            try:
+                return inner.remote()
+            except Exception as exc:
+                return f"{type(exc).__name__}: {exc}"
+        """,
+    )
+    platform.cli("deploy", str(path))
+    out = platform.python(
+        """
+        import warmboot
+        print(warmboot.Function.from_name("calls-nested", "outer").remote())
+        """
+    )
+    assert out.stdout.strip().startswith("UnsupportedOptionError: calling warmboot functions"), out.stdout
+    platform.cli("app", "stop", "calls-nested")

@@ -6,6 +6,7 @@ objects inside them travel as cloudpickle bytes. Only root can open the socket, 
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -56,6 +57,14 @@ def ensure_server() -> None:
 
 def connect() -> Connection:
     """A connection to the server, starting it first if needed."""
+    if os.environ.get("WARMBOOT_IN_CONTAINER"):
+        # A container has no way to the control plane but its own control pipes (docs/security.md): starting a
+        # server here would only answer with a confusing "app not running".
+        raise errors.UnsupportedOptionError(
+            "calling warmboot functions (.remote, .map, .spawn, lookups) from inside a function's container is "
+            "not supported yet: containers cannot reach the server. Call them from your local code, or do the "
+            "work in this function"
+        )
     try:
         return _connect_once()
     except (FileNotFoundError, ConnectionRefusedError):
