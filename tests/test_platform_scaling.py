@@ -189,6 +189,29 @@ def nap(seconds):
     assert fast == {"ok": True, "value": "slept 0"}
 
 
+def test_half_a_control_message_does_not_hold_the_call_past_its_timeout(platform: Platform) -> None:
+    """A function that writes the start of a frame to its control fd and stops: its own timeout still ends it."""
+    app = _unique("half-frame")
+    _deploy(
+        platform,
+        app,
+        """
+import os, struct, time
+
+@app.function(timeout=2)
+def stutter(half):
+    if half:
+        os.write(4, struct.pack(">II", 1000, 0) + b'{"type": "res')  # a header promising more, then nothing
+        time.sleep(60)
+    return "fine"
+""",
+    )
+    stuck, after = _outcomes(platform, app, "stutter", "f.remote(True)", "f.remote(False)")
+    assert stuck["type"] == "FunctionTimeoutError", stuck
+    assert "timeout of 2 s" in stuck["message"], stuck
+    assert after == {"ok": True, "value": "fine"}
+
+
 def test_every_accepted_call_ends_even_when_every_container_crashes(platform: Platform) -> None:
     app = _unique("always-crash")
     _deploy(

@@ -9,7 +9,9 @@ opaque cloudpickle bytes that only the container or the calling process unpickle
 from __future__ import annotations
 
 import json
+import select
 import struct
+import time
 from typing import Any, BinaryIO
 
 _HEADER = struct.Struct(">II")
@@ -53,9 +55,15 @@ def send(stream: BinaryIO, message: dict[str, Any]) -> None:
     stream.flush()
 
 
-def _read_exact(stream: BinaryIO, n: int) -> bytes:
+def _read_exact(stream: BinaryIO, n: int, deadline: float | None = None) -> bytes:
     chunks = []
     while n:
+        if deadline is not None:
+            # Wait for bytes with the caller's deadline: a peer that writes half a frame and stops must not
+            # hold the reader past it.
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([stream], [], [], left)[0]:
+                raise TimeoutError("no complete message before the deadline")
         chunk = stream.read(n)
         if not chunk:
             raise ChannelClosed("channel closed")
@@ -64,18 +72,23 @@ def _read_exact(stream: BinaryIO, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv(stream: BinaryIO) -> dict[str, Any]:
-    """The next message; :class:`ChannelClosed` at EOF, :class:`ProtocolError` for anything malformed."""
-    json_len, blob_len = _HEADER.unpack(_read_exact(stream, _HEADER.size))
+def recv(stream: BinaryIO, timeout: float | None = None) -> dict[str, Any]:
+    """The next message; :class:`ChannelClosed` at EOF, :class:`ProtocolError` for anything malformed.
+
+    With ``timeout`` (seconds), :class:`TimeoutError` when the whole message has not arrived by then; ``stream``
+    must then be unbuffered, so that select() sees every byte still to read.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
+    json_len, blob_len = _HEADER.unpack(_read_exact(stream, _HEADER.size, deadline))
     if json_len > MAX_JSON:
         raise ProtocolError(f"message header of {json_len} bytes exceeds {MAX_JSON}")
     try:
-        message = json.loads(_read_exact(stream, json_len))
+        message = json.loads(_read_exact(stream, json_len, deadline))
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(f"message is not JSON: {exc}") from None
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise ProtocolError("message is not an object with a 'type'")
-    payload = _read_exact(stream, blob_len)
+    payload = _read_exact(stream, blob_len, deadline)
     binary = message.pop("_binary", {})
     if not isinstance(binary, dict) or sum(v for v in binary.values() if isinstance(v, int)) != blob_len:
         raise ProtocolError("message's binary fields do not add up to its payload")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import select
 import threading
 import time
 import uuid
@@ -278,12 +277,8 @@ class FunctionContainer:
 
     def _recv(self, timeout: float) -> dict[str, Any]:
         assert self.container is not None
-        stream = self.container.channels.control_out
-        ready, _, _ = select.select([stream], [], [], timeout)
-        if not ready:
-            raise TimeoutError
         try:
-            return wire.recv(stream)
+            return wire.recv(self.container.channels.control_out, timeout)
         except wire.ChannelClosed:
             raise ContainerCrashedError(self._death_note("while running")) from None
         except wire.ProtocolError as exc:
