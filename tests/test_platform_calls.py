@@ -111,6 +111,9 @@ def test_runtime_library_made_once_when_first_containers_boot_together(tmp_path:
     assert len(set(results)) == 1
     layer = results[0]
     assert (layer / runtime_lib.LIB_DIR.lstrip("/") / "warmboot" / "runtime" / "__main__.py").is_file()
+    lib = layer / runtime_lib.LIB_DIR.lstrip("/") / "warmboot"
+    # Only what a container imports: the server, CLI and worker stay out (and out of snapshot keys).
+    assert sorted(p.name for p in lib.iterdir()) == sorted(runtime_lib.CONTAINER_PARTS)
     assert os.access(layer / "__warmboot" / "init", os.X_OK) and (layer / "__warmboot" / "seccomp.bpf").stat().st_size
     assert sorted(os.listdir(layer / "dev")) == [
         "fd",

@@ -2,7 +2,7 @@
 
 It holds what warmboot itself puts in a container, so images stay exactly what the user asked for:
 
-    __warmboot/lib/      warmboot's runtime and cloudpickle (on the container's PYTHONPATH)
+    __warmboot/lib/      the parts of warmboot a container imports (SDK, runtime) and cloudpickle (on its PYTHONPATH)
     __warmboot/init      the static init that confines the container and runs its command (sandbox/init.c)
     __warmboot/seccomp.bpf   the seccomp filter the init loads
     dev/                 an opaque /dev with only the standard character devices (no host device is reachable)
@@ -38,9 +38,23 @@ _ETC = {
 }
 
 
-def _tree_digest(roots: list[Path], digest: hashlib._Hash) -> None:
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
+#: What of warmboot a container imports: the SDK, the runtime and what they use. Only these go into the runtime
+#: layer, so only a change to them makes new snapshot keys (the server, CLI and worker are not in a container).
+CONTAINER_PARTS = ("__init__.py", "config.py", "errors.py", "validation.py", "sdk", "runtime")
+
+
+def _files(root: Path, parts: tuple[str, ...] | None) -> list[Path]:
+    """The ``.py`` files of the package at ``root`` (only ``parts`` of it when given), sorted."""
+    tops = [root / p for p in parts] if parts is not None else [root]
+    found: list[Path] = []
+    for top in tops:
+        found += [top] if top.is_file() else list(top.rglob("*.py"))
+    return sorted(found)
+
+
+def _tree_digest(sources: list[tuple[Path, tuple[str, ...] | None]], digest: hashlib._Hash) -> None:
+    for root, parts in sources:
+        for path in _files(root, parts):
             digest.update(str(path.relative_to(root.parent)).encode())
             digest.update(path.read_bytes())
 
@@ -55,20 +69,21 @@ def ensure(home: Path) -> Path:
         return _ensure(home)
 
 
-def _sources() -> list[Path]:
-    return [Path(warmboot.__file__).parent, Path(cloudpickle.__file__).parent]
+def _sources(*, container_only: bool) -> list[tuple[Path, tuple[str, ...] | None]]:
+    parts = CONTAINER_PARTS if container_only else None
+    return [(Path(warmboot.__file__).parent, parts), (Path(cloudpickle.__file__).parent, None)]
 
 
 def code_digest() -> str:
-    """The digest of the warmboot (and cloudpickle) code on disk now: a running server compares its own."""
+    """The digest of all of warmboot's (and cloudpickle's) code on disk now: a running server compares its own."""
     digest = hashlib.sha256()
-    _tree_digest(_sources(), digest)
+    _tree_digest(_sources(container_only=False), digest)
     return digest.hexdigest()[:16]
 
 
 def _layer_digest(init: bytes, bpf: bytes) -> str:
     digest = hashlib.sha256(f"warmboot-runtime-layer-v{LAYOUT_VERSION}\0".encode())
-    _tree_digest(_sources(), digest)
+    _tree_digest(_sources(container_only=True), digest)
     digest.update(hashlib.sha256(init).digest())
     digest.update(hashlib.sha256(bpf).digest())
     return digest.hexdigest()[:16]
@@ -83,8 +98,11 @@ def _ensure(home: Path) -> Path:
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     lib = tmp / LIB_DIR.lstrip("/")
-    for src in _sources():
-        shutil.copytree(src, lib / src.name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for root, parts in _sources(container_only=True):
+        for path in _files(root, parts):
+            dest = lib / root.name / path.relative_to(root)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
     _write(tmp / "__warmboot" / "init", init, 0o755)
     _write(tmp / "__warmboot" / "seccomp.bpf", bpf, 0o644)
     _make_dev(tmp / "dev")
