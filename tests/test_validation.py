@@ -7,6 +7,7 @@ would have refused straight to a real server's socket, and checks the server ref
 from __future__ import annotations
 
 import math
+import time
 import uuid
 from typing import Any
 
@@ -153,3 +154,40 @@ def test_secret_create_refuses_bad_keys(platform: Platform) -> None:
     proc = platform.cli("secret", "create", name, "=value", check=False)
     assert proc.returncode != 0, proc.stdout
     assert name not in platform.cli("secret", "list").stdout
+
+
+def test_connections_past_the_cap_are_refused_and_the_server_recovers() -> None:
+    """Each open connection holds a server thread: past WARMBOOT_MAX_CONNECTIONS a client is told, not queued."""
+    from multiprocessing.connection import Client
+
+    from warmboot.errors import ServerError
+
+    platform = Platform(extra_env={"WARMBOOT_MAX_CONNECTIONS": "3"})
+    platform.start_server()
+    sock = str(platform.home / "server.sock")
+    idle = []
+    try:
+        idle = [Client(sock, family="AF_UNIX") for _ in range(3)]  # held open, never sending: three threads
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("WARMBOOT_HOME", str(platform.home))
+            from warmboot.sdk import client
+
+            with pytest.raises(ServerError, match="the server is busy: 3 connections are open"):
+                client.request("ping")
+            for conn in idle:
+                conn.close()
+            idle = []
+            # The threads give their slots back as they see the connections close: wait for that, with a deadline.
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    assert client.request("ping")["pid"]
+                    break
+                except ServerError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.01)
+    finally:
+        for conn in idle:
+            conn.close()
+        platform.close()

@@ -39,6 +39,8 @@ log = logging.getLogger("warmboot.server")
 
 APP_DIR = "/root"  # where the app's file appears in its containers (Modal's place for it too)
 _FINISHED_CALL_TTL = 3600.0
+#: Connections served at once, each on a thread of its own (a follower of `warmboot logs -f` holds one).
+MAX_CONNECTIONS = int(os.environ.get("WARMBOOT_MAX_CONNECTIONS", "256"))
 
 
 def _check_function(label: str, fspec: dict[str, Any]) -> None:
@@ -194,6 +196,7 @@ class Server:
         self.calls: dict[str, Call] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self.started_at = time.time()
         self.code_digest = runtime_lib.code_digest()  # what this process runs, whatever the disk says later
         self.state.stop_ephemeral()
@@ -417,6 +420,24 @@ class Server:
 
     # ----- serving ---------------------------------------------------------------------------------
 
+    def _serve_connection(self, conn: Connection) -> None:
+        try:
+            self.handle(conn)
+        finally:
+            self._connection_slots.release()
+
+    def _refuse_busy(self, conn: Connection) -> None:
+        """Past the connection cap: say so at once (each connection holds a thread while it is open)."""
+        with conn, contextlib.suppress(OSError):
+            conn.send(
+                {
+                    "ok": False,
+                    "error_type": "ServerError",
+                    "message": f"the server is busy: {MAX_CONNECTIONS} connections are open "
+                    "(WARMBOOT_MAX_CONNECTIONS); retry when some have finished",
+                }
+            )
+
     def handle(self, conn: Connection) -> None:
         with conn:
             try:
@@ -475,7 +496,10 @@ class Server:
                     if self._stop.is_set():
                         break
                     raise
-                threading.Thread(target=self.handle, args=(conn,), daemon=True).start()
+                if not self._connection_slots.acquire(blocking=False):
+                    self._refuse_busy(conn)
+                    continue
+                threading.Thread(target=self._serve_connection, args=(conn,), daemon=True).start()
         finally:
             with contextlib.suppress(OSError):
                 listener.close()
