@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import queue
 import threading
-import time
 from pathlib import Path
 
 from warmboot.server.logs import LogBook
@@ -25,28 +25,24 @@ def test_log_rotates_at_its_limit_and_keeps_one_old_file(tmp_path: Path) -> None
 def test_a_follower_continues_across_a_rotation(tmp_path: Path) -> None:
     book = LogBook(tmp_path, max_bytes=1 << 20)
     book.write("app", "src", "before")
-    seen: list[str] = []
+    seen: queue.Queue[str] = queue.Queue()
     stop = threading.Event()
-    reader = threading.Thread(
-        target=lambda: seen.extend(book.follow("app", from_end=True, follow=True, keep_going=lambda: not stop.is_set()))
-    )
+
+    def follow() -> None:
+        for line in book.follow("app", from_end=False, follow=True, keep_going=lambda: not stop.is_set()):
+            seen.put(line)
+
+    reader = threading.Thread(target=follow)
     reader.start()
     try:
-        # The follower starts at the end: wait until it has opened the file, by writing until it sees a line.
-        deadline = time.monotonic() + 10
-        while not seen and time.monotonic() < deadline:
-            book.write("app", "src", "warm-up")
-            time.sleep(0.02)
+        assert seen.get(timeout=10).endswith("before")  # the follower has the file open
         first = (tmp_path / "app.log").stat().st_ino
         for i in range(20):
             book.max_bytes = 0 if i == 10 else 1 << 20  # exactly one rotation, in the middle
             book.write("app", "src", f"n={i}")
         assert (tmp_path / "app.log").stat().st_ino != first, "the log was rotated"
-        deadline = time.monotonic() + 10
-        while not any(line.endswith("n=19") for line in seen) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        got = [int(seen.get(timeout=10).split("n=")[1]) for _ in range(20)]
     finally:
         stop.set()
         reader.join(timeout=5)
-    got = [int(line.split("n=")[1]) for line in seen if "n=" in line]
     assert got == list(range(20)), got  # every line once, in order, across the rotation

@@ -576,13 +576,20 @@ def test_restored_copy_has_a_fresh_network_namespace_with_loopback(platform: Pla
         import socket
         import threading
 
-        @app.cls(enable_memory_snapshot=True)
+        meeting = modal.Volume.from_name(app.name + "-meet", create_if_missing=True)
+
+        @app.cls(enable_memory_snapshot=True, volumes={"/meet": meeting})
         class Echo:
             @modal.method()
-            def roundtrip(self, hold=0.0):
+            def roundtrip(self, meet=0):
                 import time
 
-                time.sleep(hold)  # keeps this container busy, so that a second input gets a copy of its own
+                # Check in, then wait (with a deadline) until `meet` containers have: the inputs are then
+                # served by that many containers alive at once, each a copy of its own.
+                open(f"/meet/{os.environ['WARMBOOT_CONTAINER_ID']}", "w").close()
+                deadline = time.monotonic() + 60
+                while len(os.listdir("/meet")) < meet and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 with socket.create_server(("127.0.0.1", 0)) as listener:
                     got = []
                     thread = threading.Thread(target=lambda: got.append(listener.accept()[0].recv(5)))
@@ -596,7 +603,7 @@ def test_restored_copy_has_a_fresh_network_namespace_with_loopback(platform: Pla
     )
     first = _call(platform, app, "Echo", "roundtrip")
     _new_cold_start(platform, app, path)
-    copies = _call(platform, app, "Echo", "roundtrip", 1.5, spawn=2)  # two copies alive at once
+    copies = _call(platform, app, "Echo", "roundtrip", 3, spawn=2)  # the cold one's check-in, then two copies
     restored = _restored_ids(platform, label)
     assert sorted(r["container"] for r in copies) == sorted(restored), platform.log_text(app)[-3000:]
     assert [r["echo"] for r in [first, *copies]] == ["hello"] * 3

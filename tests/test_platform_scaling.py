@@ -196,13 +196,13 @@ def test_half_a_control_message_does_not_hold_the_call_past_its_timeout(platform
         platform,
         app,
         """
-import os, struct, time
+import os, struct, threading
 
 @app.function(timeout=2)
 def stutter(half):
     if half:
         os.write(4, struct.pack(">II", 1000, 0) + b'{"type": "res')  # a header promising more, then nothing
-        time.sleep(60)
+        threading.Event().wait()  # stalls for good: only the call's timeout can end it
     return "fine"
 """,
     )
