@@ -419,3 +419,20 @@ def test_files_mapped_from_the_image_and_the_writable_layer_are_there_after_a_re
         reply = ask(c, "x")
         assert reply["mapped_head"] == head
         assert reply["more_mapped_heads"] == ["w" * 16]
+
+
+def test_volume_below_a_directory_the_image_has(running: Running, store: SnapshotStore, tmp_path: Path) -> None:
+    """A volume at /root/.cache/... (a common place for model caches): its missing ancestors are made in the
+    writable layer with the image's modes, so /root stays root's own; original and restored copy see the volume."""
+    data = tmp_path / "cache"
+    data.mkdir()
+    (data / "weights.txt").write_text("cached")
+    mount = containers.BindMount(str(data), "/root/.cache/models")
+    original = running.start_stateful(mounts=(mount,))
+    assert ask(original, "read /root/.cache/models/weights.txt")["result"] == "cached"
+    image_root = os.stat(running.image.layers[0] / "root").st_mode & 0o777
+    upper_root = (original.run_dir / "upper" / "root").stat().st_mode & 0o777
+    assert upper_root == image_root == 0o700
+    snap = store.checkpoint(original, leave_running=True)
+    copy = running.restore(store, snap)
+    assert ask(copy, "read /root/.cache/models/weights.txt")["result"] == "cached"

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from warmboot.errors import ContainerError
+from warmboot.worker.images.layers import DEFAULT_PATH
 from warmboot.worker.sandbox import entry, rootfs
 
 #: File descriptor numbers of the control pipes inside every container.
@@ -282,7 +283,7 @@ def _launcher_script(spec: ContainerSpec, fds: Mapping[str, int]) -> str:
     # stdin is the container's own /dev/null: CRIU can only dump files on mounts the container sees.
     steps.append(f"exec <./dev/null {CONTROL_IN_FD}<&{ci} {CONTROL_OUT_FD}>&{co} {ci}<&- {co}>&-")
     # The launcher ran the host's mount and ip; the init looks the command up on the image's PATH.
-    path = (spec.env or {}).get("PATH", rootfs.DEFAULT_PATH)
+    path = (spec.env or {}).get("PATH", DEFAULT_PATH)
     steps.append(f"export PATH={shlex.quote(path)}")
     # The init swaps roots (pivot_root) and detaches the host's mount tree: after that the container can name
     # nothing of the host. It is exec'd from inside the new root, where CRIU finds its executable later.
@@ -320,7 +321,7 @@ def start(spec: ContainerSpec, *, ready_timeout: float = 5.0) -> Container:
             stdin=subprocess.DEVNULL,
             stdout=fds["stdout"],
             stderr=fds["stderr"],
-            env={**env, "PATH": rootfs.DEFAULT_PATH},
+            env={**env, "PATH": DEFAULT_PATH},
             close_fds=True,
         )
     except OSError as exc:

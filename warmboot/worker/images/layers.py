@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import IO, Any
 
 from warmboot.errors import ImageBuildError
-from warmboot.worker.sandbox.rootfs import DEFAULT_PATH
 
 log = logging.getLogger("warmboot.images.layers")
 
@@ -412,7 +411,9 @@ def unpack_layer(blob: Path, dest: Path, *, diff_id: str | None = None) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 # Looking into a stack of layers without mounting it
 
-#: PATH in images whose environment sets none (Docker's default): where :func:`find_python` looks then.
+#: PATH in images whose environment sets none (Docker's default): where :func:`find_python` looks then, and what
+#: a container's init searches when the image sets none.
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MAX_SYMLINKS = 40
 
 

@@ -22,9 +22,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from warmboot.errors import ContainerError
+from warmboot.worker.images.layers import lookup_path
 
 UPPER, WORK, ROOT = "upper", "work", "root"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _MNT_DETACH = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -44,26 +44,28 @@ def overlay_options(layers: Sequence[Path], run_dir: Path) -> str:
 def prepare(run_dir: Path, mount_points: Sequence[str] = (), layers: Sequence[Path] = ()) -> None:
     """Create the run directory, with the bind mounts' mount points already in the writable layer.
 
-    A mount point that does not exist in the image is made with the mode and owner of the nearest directory
-    the image has above it, so that e.g. a volume under /root does not make /root world-readable.
+    Where the image lacks a mount point, it is made in the writable layer together with its ancestors, which
+    keep the image's mode and owner as overlayfs' own copy-up would (a volume at /root/.cache/x must not make
+    /root world-readable). Paths are looked up in the layer stack itself, never through the host's files.
     """
     shutil.rmtree(run_dir, ignore_errors=True)
     for name in (UPPER, WORK, ROOT):
         (run_dir / name).mkdir(parents=True, mode=0o700 if name != UPPER else 0o755)
     upper = run_dir / UPPER
     for target in mount_points:
+        found = lookup_path(layers, target)
+        if found is not None and found.is_dir():
+            continue  # the image has it: overlayfs shows it, and the mount lands on it
         parts = Path(target.lstrip("/")).parts
         for depth in range(1, len(parts) + 1):
             rel = Path(*parts[:depth])
             here = upper / rel
             if here.is_dir():
                 continue
-            if any((layer / rel).is_dir() for layer in layers):
-                continue  # the image has it: overlayfs shows it, and the mount lands on it
             here.mkdir()
-            template = next((layer / rel.parent for layer in reversed(layers) if (layer / rel.parent).is_dir()), None)
-            if template is not None and rel.parent != Path("."):
-                st = template.stat()
+            original = lookup_path(layers, "/" + rel.as_posix())
+            if original is not None and original.is_dir():
+                st = original.stat()
                 os.chmod(here, st.st_mode & 0o7777)
                 os.chown(here, st.st_uid, st.st_gid)
 
