@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "min_containers": 0,
     "max_containers": 10,
     "scaledown_window": 60.0,
+    "max_inputs": None,
     "memory": None,
     "cpu": None,
     "gpu": None,
@@ -46,6 +47,13 @@ def check(decorator: str, given: dict[str, Any]) -> dict[str, Any]:
     if opts["min_containers"] > opts["max_containers"]:
         raise InvalidOptionError(
             f"{decorator}: min_containers={opts['min_containers']} exceeds max_containers={opts['max_containers']}"
+        )
+    if opts["max_inputs"] is not None and (
+        not isinstance(opts["max_inputs"], int) or isinstance(opts["max_inputs"], bool) or opts["max_inputs"] < 1
+    ):
+        raise InvalidOptionError(
+            f"{decorator}: max_inputs= is how many inputs a container serves before it stops (1 or more, or None), "
+            f"got {opts['max_inputs']!r}"
         )
     if opts["memory"] is not None and (not isinstance(opts["memory"], int) or opts["memory"] <= 0):
         raise InvalidOptionError(f"{decorator}: memory= is a number of MiB, got {opts['memory']!r}")

@@ -162,6 +162,7 @@ class RunningApp:
             min_containers=int(opts["min_containers"]),
             max_containers=int(opts["max_containers"]),
             scaledown_window=float(opts["scaledown_window"]),
+            max_inputs=opts.get("max_inputs"),
         )
         return FunctionPool(settings, make_plan, start_env, on_output, self.event)
 

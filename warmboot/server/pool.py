@@ -63,6 +63,7 @@ class PoolSettings:
     min_containers: int
     max_containers: int
     scaledown_window: float
+    max_inputs: int | None = None  #: a container stops after serving this many inputs (None: no limit)
     snapshots: SnapshotPlan | None = None  #: set for deployed functions with enable_memory_snapshot
 
 
@@ -309,3 +310,7 @@ class FunctionPool:
                 self._idle += 1
                 idle = True
             call.finish(outcome)
+            if self.settings.max_inputs is not None and fc.calls_served >= self.settings.max_inputs:
+                with self._cond:
+                    self._idle -= 1
+                return  # used up: it stops, and inputs still queued get a fresh container
