@@ -104,3 +104,11 @@ class ContainerBootError(ContainerError):
     def __init__(self, message: str, traceback_text: str = ""):
         super().__init__(message + ("\n" + traceback_text.rstrip() if traceback_text else ""))
         self.traceback_text = traceback_text
+
+
+class ServerRestartedError(WarmbootError):
+    """The server stopped or crashed while a call ran; the call did not finish (its function may have run in part)."""
+
+
+class ProtocolViolationError(ContainerCrashedError):
+    """A container wrote something malformed or out of turn on its control channel; it was stopped."""

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from warmboot import config
+from warmboot import config, errors
 from warmboot.errors import WarmbootError
 from warmboot.sdk import client
 from warmboot.worker import runtime_lib
@@ -181,9 +181,7 @@ def server_status() -> None:
         warmboot server status
     """
     try:
-        with client.connect_existing() as conn:
-            conn.send({"op": "ping"})
-            info = conn.recv()["value"]
+        info = client.request_existing("ping")
     except (FileNotFoundError, ConnectionRefusedError):
         console.print("Server not running")
         raise typer.Exit(3) from None
@@ -207,12 +205,9 @@ def server_stop() -> None:
         warmboot server stop
     """
     try:
-        with client.connect_existing() as conn:
-            conn.send({"op": "ping"})
-            pid = conn.recv()["value"]["pid"]
-        with client.connect_existing() as conn, contextlib.suppress(EOFError):  # it may exit before replying
-            conn.send({"op": "server_stop"})
-            conn.recv()
+        pid = client.request_existing("ping")["pid"]
+        with contextlib.suppress(errors.ServerError):  # it may exit before replying
+            client.request_existing("server_stop")
     except (FileNotFoundError, ConnectionRefusedError):
         console.print("Server not running")
         return

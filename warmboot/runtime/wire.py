@@ -17,6 +17,8 @@ from typing import Any, BinaryIO
 _HEADER = struct.Struct(">II")
 #: The largest JSON part accepted (binary payloads have their own bound): a frame claiming more is malformed.
 MAX_JSON = 16 << 20
+#: The largest binary payload accepted (a result): a container must not make the worker buffer unbounded bytes.
+MAX_PAYLOAD = 1 << 30
 
 # Message types: runtime -> worker
 SNAPSHOT_POINT = "snapshot_point"  # imported, @enter(snap=True) done, no input taken yet: safe to checkpoint
@@ -82,6 +84,8 @@ def recv(stream: BinaryIO, timeout: float | None = None) -> dict[str, Any]:
     json_len, blob_len = _HEADER.unpack(_read_exact(stream, _HEADER.size, deadline))
     if json_len > MAX_JSON:
         raise ProtocolError(f"message header of {json_len} bytes exceeds {MAX_JSON}")
+    if blob_len > MAX_PAYLOAD:
+        raise ProtocolError(f"message payload of {blob_len} bytes exceeds {MAX_PAYLOAD}")
     try:
         message = json.loads(_read_exact(stream, json_len, deadline))
     except (UnicodeDecodeError, ValueError) as exc:

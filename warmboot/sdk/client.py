@@ -1,27 +1,45 @@
 """The SDK's connection to the local server: a root-only Unix socket, started on first use.
 
-Requests and replies are pickled dicts over ``multiprocessing.connection`` (stdlib, framed, well kept); user
-objects inside them travel as cloudpickle bytes. Only root can open the socket, and root trusts itself.
+Requests and replies are the typed messages of :mod:`warmboot.protocol` (msgpack frames, never pickle); user
+objects inside them travel as cloudpickle bytes that only this process and the container unpickle. Only root
+can open the socket.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from multiprocessing.connection import Client, Connection
 from typing import Any
 
 from warmboot import config, errors
 
+if os.environ.get("WARMBOOT_IN_CONTAINER"):
+    # A container has no way to the control plane but its own control pipes (docs/security.md), and its
+    # runtime library holds no client: say so where a function first reaches for one (.remote() and friends).
+    raise errors.UnsupportedOptionError(
+        "calling warmboot functions (.remote, .map, .spawn, lookups) from inside a function's container is "
+        "not supported yet: containers cannot reach the server. Call them from your local code, or do the "
+        "work in this function"
+    )
+
+from warmboot import protocol  # after the check above: containers do not have msgspec
+
 _START_TIMEOUT = 30.0
 
 
-def connect_existing() -> Connection:
+def connect_existing() -> socket.socket:
     """A connection to a running server; ``FileNotFoundError``/``ConnectionRefusedError`` when none runs."""
-    return Client(str(config.server_socket()), family="AF_UNIX")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(str(config.server_socket()))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 _connect_once = connect_existing
@@ -55,16 +73,8 @@ def ensure_server() -> None:
     raise errors.ServerError(f"the warmboot server did not start within {_START_TIMEOUT:.0f} s; see {log_path}")
 
 
-def connect() -> Connection:
+def connect() -> socket.socket:
     """A connection to the server, starting it first if needed."""
-    if os.environ.get("WARMBOOT_IN_CONTAINER"):
-        # A container has no way to the control plane but its own control pipes (docs/security.md): starting a
-        # server here would only answer with a confusing "app not running".
-        raise errors.UnsupportedOptionError(
-            "calling warmboot functions (.remote, .map, .spawn, lookups) from inside a function's container is "
-            "not supported yet: containers cannot reach the server. Call them from your local code, or do the "
-            "work in this function"
-        )
     try:
         return _connect_once()
     except (FileNotFoundError, ConnectionRefusedError):
@@ -72,40 +82,74 @@ def connect() -> Connection:
         return _connect_once()
 
 
-def _raise_from(reply: dict[str, Any]) -> None:
-    cls = getattr(errors, reply.get("error_type", ""), None)
+def _raise_from(reply: protocol.Reply) -> None:
+    cls = getattr(errors, reply.error_type or "", None)
     if not (isinstance(cls, type) and issubclass(cls, errors.WarmbootError)):
         cls = errors.ServerError
-    raise cls(reply["message"])
+    raise cls(reply.message)
 
 
-def request(op: str, **payload: Any) -> Any:
-    """One request, one reply: the reply's ``value``, or the server's error re-raised as its warmboot class."""
-    with connect() as conn:
-        conn.send({"op": op, **payload})
-        try:
-            reply = conn.recv()
-        except EOFError as exc:
-            raise errors.ServerError(f"the server closed the connection during {op!r}; see its log") from exc
-    if not reply.get("ok"):
+def _recv_exact(sock: socket.socket, n: int, op: str) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise errors.ServerError(f"the server closed the connection during {op!r}; see its log (server.log)")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_reply(sock: socket.socket, op: str) -> protocol.Reply:
+    length = protocol.frame_length(_recv_exact(sock, protocol.HEADER_SIZE, op))
+    return protocol.decode_reply(_recv_exact(sock, length, op))
+
+
+def _op_and_body(message: Any, payload: dict[str, Any]) -> tuple[str, Any]:
+    """A typed request (a :mod:`warmboot.protocol` dataclass), or an operation name and its fields."""
+    if isinstance(message, str):
+        return message, payload  # the server checks the fields against the operation's dataclass
+    for op, kind in protocol.REQUESTS.items():
+        if type(message) is kind:
+            return op, message
+    raise TypeError(f"not a request message: {message!r}")
+
+
+def request(message: Any, **payload: Any) -> Any:
+    """One request, one reply: the reply's value, or the server's error re-raised as its warmboot class."""
+    return _request(connect, message, payload)
+
+
+def request_existing(message: Any, **payload: Any) -> Any:
+    """Like :func:`request`, without starting a server: ``FileNotFoundError``/``ConnectionRefusedError``
+    when none runs."""
+    return _request(connect_existing, message, payload)
+
+
+def _request(connector: Any, message: Any, payload: dict[str, Any]) -> Any:
+    op, body = _op_and_body(message, payload)
+    with connector() as sock:
+        sock.sendall(protocol.request_frame(op, body))
+        reply = _recv_reply(sock, op)
+    if reply.kind == "error":
         _raise_from(reply)
-    return reply.get("value")
+    return reply.value
 
 
-def stream(op: str, **payload: Any) -> Iterator[dict[str, Any]]:
-    """A request whose reply is a stream of events, ending with ``{"done": True, ...}`` (or an error)."""
-    with connect() as conn:
-        conn.send({"op": op, **payload})
+def stream(message: Any, **payload: Any) -> Iterator[dict[str, Any]]:
+    """A request whose reply is a stream of events (``{"log": ...}``, ``{"line": ...}``), then
+    ``{"done": True, "value": ...}``; a server error is raised as its warmboot class."""
+    op, body = _op_and_body(message, payload)
+    with connect() as sock:
+        sock.sendall(protocol.request_frame(op, body))
         while True:
-            try:
-                event = conn.recv()
-            except EOFError as exc:
-                raise errors.ServerError(f"the server closed the connection during {op!r}; see its log") from exc
-            if event.get("ok") is False:
-                _raise_from(event)
-            yield event
-            if event.get("done"):
+            reply = _recv_reply(sock, op)
+            if reply.kind == "error":
+                _raise_from(reply)
+            if reply.kind == "value":
+                yield {"done": True, "value": reply.value}
                 return
+            yield dict(reply.event)
 
 
 # ----- calls -------------------------------------------------------------------------------------------
@@ -128,41 +172,46 @@ def _pickle_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
         raise errors.InvalidOptionError(f"the arguments cannot be pickled: {exc}") from exc
 
 
-def unpack_outcome(outcome: dict[str, Any]) -> Any:
+def unpack_outcome(outcome: protocol.Outcome) -> Any:
     """A call's result, or its remote exception re-raised here with the remote traceback attached."""
     import cloudpickle
 
-    if outcome["ok"]:
-        return cloudpickle.loads(outcome["value"])
-    remote_tb = outcome.get("traceback") or ""
+    if outcome.ok:
+        return cloudpickle.loads(outcome.value or b"")
+    remote_tb = outcome.traceback
     exc: BaseException | None = None
-    if outcome.get("exception") is not None:
+    if outcome.exception is not None:
         try:
-            exc = cloudpickle.loads(outcome["exception"])
+            exc = cloudpickle.loads(outcome.exception)
         except Exception:  # noqa: BLE001 - the class may not exist here; fall back to RemoteError below
             exc = None
     if exc is None:
-        cls = getattr(errors, outcome.get("error_type") or "", None)
+        cls = getattr(errors, outcome.error_type or "", None)
         if isinstance(cls, type) and issubclass(cls, errors.WarmbootError):
-            exc = cls(outcome.get("message", "remote error"))
+            exc = cls(outcome.message or "remote error")
         else:
-            exc = errors.RemoteError(outcome.get("message", "remote error") + ("\n" + remote_tb if remote_tb else ""))
+            exc = errors.RemoteError((outcome.message or "remote error") + ("\n" + remote_tb if remote_tb else ""))
             remote_tb = ""
     if remote_tb and hasattr(exc, "add_note"):
         exc.add_note("Remote traceback (from the container):\n" + remote_tb.rstrip())
     raise exc
 
 
+def _target(target: dict[str, Any]) -> protocol.Target:
+    return protocol.Target(**target)
+
+
 def call(target: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return unpack_outcome(request("call", target=target, args=_pickle_args(args, kwargs)))
+    reply = request(protocol.Call(target=_target(target), args=_pickle_args(args, kwargs)))
+    return unpack_outcome(protocol.to_outcome(reply))
 
 
 def submit(target: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
-    return request("submit", target=target, args=_pickle_args(args, kwargs))
+    return request(protocol.Submit(target=_target(target), args=_pickle_args(args, kwargs)))
 
 
 def get_result(call_id: str, timeout: float | None) -> Any:
-    outcome = request("get", call_id=call_id, timeout=timeout)
-    if outcome is None:
+    reply = request(protocol.Get(call_id=call_id, timeout=protocol.wait_seconds("FunctionCall.get", timeout)))
+    if reply is None:
         raise TimeoutError(f"call {call_id} has not finished within {timeout} s")
-    return unpack_outcome(outcome)
+    return unpack_outcome(protocol.to_outcome(reply))

@@ -13,46 +13,41 @@ import collections
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from warmboot.errors import (
     ContainerBootError,
     ContainerCrashedError,
-    ContainerError,
     FunctionTimeoutError,
-    SnapshotError,
     WarmbootError,
 )
-from warmboot.server.snapshots import SnapshotRegistry
-from warmboot.worker.runner import FunctionContainer, LaunchPlan
+from warmboot.protocol import Outcome
+from warmboot.server.calls import Call
 
 log = logging.getLogger("warmboot.pool")
 
 
-@dataclass
-class Call:
-    """One accepted input and, once done, its outcome (the dict the SDK unpacks)."""
+class ContainerHandle(Protocol):
+    """What the pool needs of a started container (``worker.runner.FunctionContainer``, or a fake in tests)."""
 
-    method: str | None
-    args: bytes
-    call_id: str = field(default_factory=lambda: "fc-" + uuid.uuid4().hex[:16])
-    attempts: int = 0
-    submitted_at: float = field(default_factory=time.time)
-    outcome: dict[str, Any] | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    id: str
+    started_at: float
+    calls_served: int
 
-    def finish(self, outcome: dict[str, Any]) -> None:
-        if not self.done.is_set():
-            self.outcome = outcome
-            self.done.set()
+    @property
+    def pid(self) -> int | None: ...
 
-    def fail(self, exc: WarmbootError) -> None:
-        self.finish(
-            {"ok": False, "exception": None, "error_type": type(exc).__name__, "message": str(exc), "traceback": ""}
-        )
+    def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
+        """Run one input; raises FunctionTimeoutError or ContainerCrashedError (the container is then dead)."""
+        ...
+
+    def shutdown(self) -> None: ...
+
+
+#: Starts one container for the pool (a restore or a cold boot: ``server.launcher.Launcher``).
+Launch = Callable[[], ContainerHandle]
 
 
 @dataclass
@@ -64,18 +59,6 @@ class PoolSettings:
     max_containers: int
     scaledown_window: float
     max_inputs: int | None = None  #: a container stops after serving this many inputs (None: no limit)
-    snapshots: SnapshotPlan | None = None  #: set for deployed functions with enable_memory_snapshot
-
-
-@dataclass
-class SnapshotPlan:
-    """Where a function's memory snapshot lives and how restored copies start."""
-
-    registry: SnapshotRegistry
-    key: str
-    app_name: str
-    tag: str
-    reseed: bool = True
 
 
 class FunctionPool:
@@ -84,19 +67,15 @@ class FunctionPool:
     def __init__(
         self,
         settings: PoolSettings,
-        make_plan: Callable[[], LaunchPlan],
-        start_env: Callable[[], dict[str, str]],
-        on_output: Callable[[str, str, str], None],
+        launch: Launch,
         on_event: Callable[[str], None],
     ):
         self.settings = settings
-        self._make_plan = make_plan
-        self._start_env = start_env
-        self._on_output = on_output
+        self._launch = launch
         self._event = on_event
         self._queue: collections.deque[Call] = collections.deque()
         self._cond = threading.Condition()
-        self._containers: dict[str, FunctionContainer] = {}
+        self._containers: dict[str, ContainerHandle] = {}
         self._booting = 0
         self._idle = 0
         self._stopping = False
@@ -125,7 +104,7 @@ class FunctionPool:
                     "function": self.settings.label,
                     "started_at": c.started_at,
                     "calls": c.calls_served,
-                    "pid": c.container.pid if c.container else None,
+                    "pid": c.pid,
                 }
                 for c in self._containers.values()
             ]
@@ -180,75 +159,6 @@ class FunctionPool:
                 if not self._stopping:
                     self._scale_up_locked()
 
-    def _launch(self) -> FunctionContainer:
-        """A started container: restored from the function's memory snapshot if it has a good one, else cold."""
-        plan = self._make_plan()
-        snap = self.settings.snapshots
-        label = self.settings.label
-        if snap is not None and (snapshot := snap.registry.usable(snap.key)) is not None:
-            fc = FunctionContainer(plan, self._on_output)
-            started = time.monotonic()
-            try:
-                fc.restore(snap.registry.store, snapshot)
-                fc.start(self._start_env(), reseed=snap.reseed)
-            except ContainerBootError:
-                fc.kill()
-                raise  # user code failed in @enter(snap=False): booting cold would fail the same way
-            except (SnapshotError, ContainerError) as exc:
-                fc.kill()
-                snap.registry.mark_broken(snap.key, str(exc))
-                self._event(
-                    f"Restore of {label} from memory snapshot {snapshot.id} failed, booting cold instead "
-                    f"(the snapshot is discarded): {str(exc).splitlines()[0]}"
-                )
-            else:
-                millis = (time.monotonic() - started) * 1000
-                snap.registry.restored(snap.key, millis)
-                t = fc.timings
-                self._event(
-                    f"Restored {label} from memory snapshot in {millis:.0f} ms (container {fc.id}: checks "
-                    f"{t.get('check_ms', 0):.0f} ms, CRIU restore {t.get('criu_restore_ms', 0):.0f} ms, "
-                    f"@enter(snap=False) and runtime {t.get('start_ms', 0):.0f} ms)"
-                )
-                return fc
-        fc = FunctionContainer(plan, self._on_output)
-        started = time.monotonic()
-        try:
-            fc.boot(snapshot_phase=snap is not None)
-            if snap is not None and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag):
-                self._make_snapshot(fc, snap)
-            fc.start(self._start_env())
-        except BaseException:
-            fc.kill()
-            raise
-        self._event(f"Container {fc.id} started for {label} (cold boot in {time.monotonic() - started:.2f} s)")
-        return fc
-
-    def _make_snapshot(self, fc: FunctionContainer, snap: SnapshotPlan) -> None:
-        """Checkpoint a cold-booted container at its snapshot point, unless it holds network connections."""
-        label = self.settings.label
-        connections = fc.open_connections()
-        if connections:
-            reason = "open network connection(s) at the snapshot point: " + ", ".join(connections)
-            snap.registry.not_created(snap.key, "refused", reason)
-            self._event(
-                f"No memory snapshot for {label}: the container holds {reason}. A snapshot cannot carry a live "
-                "connection into its copies; open it in an @enter(snap=False) method instead. "
-                "Serving from the cold-booted container."
-            )
-            return
-        self._event(f"Creating memory snapshot for {label}")
-        started = time.monotonic()
-        try:
-            snapshot = fc.checkpoint(snap.registry.store, app=snap.app_name, tag=snap.tag, key=snap.key)
-        except SnapshotError as exc:
-            snap.registry.not_created(snap.key, "failed", str(exc))
-            self._event(f"Memory snapshot of {label} failed; serving from the cold-booted container: {exc}")
-            return
-        seconds = time.monotonic() - started
-        snap.registry.created(snap.key, snapshot, seconds)
-        self._event(f"Snapshot created in {seconds:.2f} s ({snapshot.size_bytes / 1e6:.0f} MB) for {label}")
-
     def _boot_failed(self, exc: WarmbootError) -> None:
         """A container could not start: the inputs waiting for it would meet the same failure, so fail them."""
         self._event(f"Container for {self.settings.label} failed to start: {str(exc).splitlines()[0]}")
@@ -260,6 +170,20 @@ class FunctionPool:
             self._queue.clear()
         for call in failed:
             call.fail(exc if isinstance(exc, ContainerBootError) else ContainerBootError(str(exc)))
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def counts(self) -> dict[str, int]:
+        """Containers by phase and inputs waiting (for tests, logs and `warmboot app list`)."""
+        with self._cond:
+            return {
+                "booting": self._booting,
+                "running": len(self._containers),
+                "idle": self._idle,
+                "waiting": len(self._queue),
+            }
 
     def _next_call(self, fc_id: str, *, already_idle: bool = False) -> Call | None:
         """The next input for an idle container, or ``None`` when it should stop (scale-down, pool stop)."""
@@ -281,29 +205,28 @@ class FunctionPool:
             finally:
                 self._idle -= 1
 
-    def _serve(self, fc: FunctionContainer) -> None:
+    def _serve(self, fc: ContainerHandle) -> None:
         idle = False
         while (call := self._next_call(fc.id, already_idle=idle)) is not None:
             idle = False
-            call.attempts += 1
-            started = time.monotonic()
+            call.started()
+            began = time.monotonic()
             try:
                 outcome = fc.call(call.call_id, call.method, call.args, self.settings.timeout)
-                if fc.calls_served == 1:
-                    self._event(f"First input on container {fc.id} took {(time.monotonic() - started) * 1000:.0f} ms")
             except FunctionTimeoutError as exc:
                 self._event(str(exc))
                 call.fail(exc)
                 return
             except ContainerCrashedError as exc:
                 self._event(f"{exc}; call {call.call_id} attempt {call.attempts} of {self.settings.retries + 1}")
-                if call.attempts <= self.settings.retries:
-                    with self._cond:
-                        self._queue.appendleft(call)
-                        self._cond.notify()  # an idle container takes the retry now, not after its window
-                else:
-                    call.fail(exc)
+                self._retry_or_fail(call, exc)
                 return
+            except Exception as exc:  # a bug here must still end the call, never leave its caller waiting
+                log.exception("call %s on %s failed in the worker", call.call_id, fc.id)
+                call.fail(ContainerCrashedError(f"{self.settings.label}: internal error running the call: {exc}"))
+                return
+            if fc.calls_served == 1:
+                self._event(f"First input on container {fc.id} took {(time.monotonic() - began) * 1000:.0f} ms")
             with self._cond:
                 # Idle again *before* the caller hears back, so that its next call finds this container
                 # instead of starting another one.
@@ -314,3 +237,11 @@ class FunctionPool:
                 with self._cond:
                     self._idle -= 1
                 return  # used up: it stops, and inputs still queued get a fresh container
+
+    def _retry_or_fail(self, call: Call, exc: WarmbootError) -> None:
+        with self._cond:
+            if call.attempts <= self.settings.retries and not self._stopping:
+                self._queue.appendleft(call)
+                self._cond.notify()  # an idle container takes the retry now, not after its window
+                return
+        call.fail(exc)

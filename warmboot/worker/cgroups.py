@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,3 +141,37 @@ def _missing(controllers: list[str]) -> UnsupportedOptionError:
         f"this host has no cgroup {', '.join(controllers)} controller mounted (see `warmboot doctor`): "
         "enable it, or remove the memory=/cpu= option that needs it"
     )
+
+
+def _groups_named(name: str) -> list[Path]:
+    if _v2():
+        candidates = [_ROOT / "warmboot" / name]
+    else:
+        candidates = [_ROOT / controller / "warmboot" / name for controller in ("memory", "cpu", "pids")]
+    return [group for group in candidates if group.is_dir()]
+
+
+def kill_leftover(name: str, timeout: float = 10.0) -> int:
+    """Kill every process still in the groups named ``name`` (a container whose server died), then remove them.
+
+    Returns how many processes were killed. The cgroup is the one place that knows every process of a container
+    (its init, whatever it forked, a restored copy's tree), so this finds them all, even after ``kill -9`` of
+    the server that started them.
+    """
+    killed = 0
+    for group in _groups_named(name):
+        procs = group / "cgroup.procs"
+        pids = [int(p) for p in procs.read_text().split()] if procs.exists() else []
+        killed += len(pids)
+        if (group / "cgroup.kill").exists():
+            (group / "cgroup.kill").write_text("1")  # atomic: nothing can fork its way out meanwhile
+        else:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, 9)
+        deadline = time.monotonic() + timeout
+        while procs.exists() and procs.read_text().strip() and time.monotonic() < deadline:
+            time.sleep(0.01)  # the kernel reaps asynchronously: wait for the group to empty before removing it
+        with contextlib.suppress(OSError):
+            os.rmdir(group)
+    return killed

@@ -16,14 +16,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from warmboot.errors import (
     ContainerBootError,
     ContainerCrashedError,
     ContainerError,
     FunctionTimeoutError,
     GpuSnapshotError,
+    ProtocolViolationError,
     WarmbootError,
 )
+from warmboot.protocol import Outcome
 from warmboot.runtime import wire
 from warmboot.worker import cgroups, cuda_checkpoint, netinfo, runtime_lib
 from warmboot.worker import container as containers
@@ -63,6 +67,9 @@ class LaunchPlan:
     gpus: gpu_devices.GpuInventory | None = None  #: the GPUs a gpu= function gets
     #: CPU memory snapshot of a GPU function: no GPU before the snapshot point, its GPUs after.
     gpus_after_snapshot: bool = False
+
+
+_OUTCOME_FIELDS = ("ok", "value", "exception", "error_type", "message", "traceback")
 
 
 class FunctionContainer:
@@ -204,10 +211,17 @@ class FunctionContainer:
         self._expect(wire.READY, self.plan.boot_timeout, "running @enter hooks")
         self.timings["start_ms"] = (time.monotonic() - started) * 1000
 
-    def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> dict[str, Any]:
-        """Run one call; return its outcome dict (``ok``, ``value`` or ``exception``/``traceback``).
+    @property
+    def pid(self) -> int | None:
+        return self.container.pid if self.container is not None else None
 
-        Raises :class:`FunctionTimeoutError` (the container is killed) or :class:`ContainerCrashedError`.
+    def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
+        """Run one call and return its outcome.
+
+        The timeout is the worker's, whatever the container does: silence, half a message or a flood all end
+        the call by then. Raises :class:`FunctionTimeoutError` (the container is killed),
+        :class:`ProtocolViolationError` (it wrote something malformed or out of turn; killed) or
+        :class:`ContainerCrashedError`.
         """
         self._send({"type": wire.CALL, "call_id": call_id, "method": method, "args": args})
         try:
@@ -219,12 +233,21 @@ class FunctionContainer:
             ) from None
         if reply.get("type") != wire.RESULT or reply.get("call_id") != call_id:
             self.kill()
-            raise ContainerCrashedError(
+            raise ProtocolViolationError(
                 f"container {self.id} of {self.plan.label} answered call {call_id} with a "
                 f"{reply.get('type')!r} message for call {reply.get('call_id')!r}; it was stopped"
             )
+        fields = {key: reply[key] for key in _OUTCOME_FIELDS if key in reply}
+        try:
+            outcome = msgspec.convert(fields, Outcome)
+        except msgspec.ValidationError as exc:
+            self.kill()
+            raise ProtocolViolationError(
+                f"container {self.id} of {self.plan.label} sent a malformed result for call {call_id} ({exc}); "
+                "it was stopped"
+            ) from None
         self.calls_served += 1
-        return reply
+        return outcome
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the runtime to run ``@exit`` hooks and stop; kill it if it does not within ``timeout``."""
@@ -283,7 +306,7 @@ class FunctionContainer:
             raise ContainerCrashedError(self._death_note("while running")) from None
         except wire.ProtocolError as exc:
             self.kill()  # what it says next cannot be trusted either
-            raise ContainerCrashedError(
+            raise ProtocolViolationError(
                 f"container {self.id} of {self.plan.label} wrote a malformed control message ({exc}); it was stopped"
             ) from None
 

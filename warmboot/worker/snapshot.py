@@ -194,6 +194,7 @@ class SnapshotStore:
         if final.exists():
             raise CheckpointError("a snapshot with this id already exists", snapshot_id=snapshot_id)
         tmp = self.root / f"{_TMP_PREFIX}{snapshot_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # removed by hand since start: make it again
         tmp.mkdir(mode=0o700)
         started = time.monotonic()
         try:
@@ -350,6 +351,7 @@ class SnapshotStore:
                 self.mark_broken(snapshot, str(exc))
             raise
         containers.ensure_subreaper()
+        self._logs.mkdir(parents=True, exist_ok=True)  # the store's root may have been cleaned out by hand
         layers = [Path(p) for p in snapshot.manifest.get("layers", [])]
         external = snapshot.manifest.get("external_mounts", {})
         rootfs.prepare(run_dir)

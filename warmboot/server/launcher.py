@@ -1,0 +1,132 @@
+"""Starting one container of a function: restored from its memory snapshot when there is a good one, else cold.
+
+The pool decides *when* a container starts (``server.pool``); this module decides *how*, and keeps the
+snapshot registry told of every outcome: a cold boot of a snapshotting function makes the snapshot when it
+is this boot's turn, and a failed restore is classified (``server.snapshot_policy``) before booting cold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from warmboot.errors import ContainerBootError, ContainerError, SnapshotError
+from warmboot.server.snapshots import SnapshotRegistry
+from warmboot.worker.runner import FunctionContainer, LaunchPlan, OutputSink
+
+log = logging.getLogger("warmboot.launcher")
+
+
+@dataclass
+class SnapshotPlan:
+    """Where a function's memory snapshot lives and how restored copies start."""
+
+    registry: SnapshotRegistry
+    key: str
+    app_name: str
+    tag: str
+    reseed: bool = True
+
+
+class Launcher:
+    """Starts containers of one function (called by its pool, from the pool's container threads)."""
+
+    def __init__(
+        self,
+        label: str,
+        make_plan: Callable[[], LaunchPlan],
+        start_env: Callable[[], dict[str, str]],
+        on_output: OutputSink,
+        on_event: Callable[[str], None],
+        snapshots: SnapshotPlan | None = None,
+    ):
+        self.label = label
+        self._make_plan = make_plan
+        self._start_env = start_env
+        self._on_output = on_output
+        self._event = on_event
+        self.snapshots = snapshots
+
+    def __call__(self) -> FunctionContainer:
+        """A started container, ready for inputs."""
+        plan = self._make_plan()
+        snap = self.snapshots
+        if snap is not None and (restored := self._restore(plan, snap)) is not None:
+            return restored
+        fc = FunctionContainer(plan, self._on_output)
+        started = time.monotonic()
+        try:
+            fc.boot(snapshot_phase=snap is not None)
+            if snap is not None and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag):
+                self._make_snapshot(fc, snap)
+            fc.start(self._start_env())
+        except BaseException:
+            fc.kill()
+            raise
+        self._event(f"Container {fc.id} started for {self.label} (cold boot in {time.monotonic() - started:.2f} s)")
+        return fc
+
+    def _restore(self, plan: LaunchPlan, snap: SnapshotPlan) -> FunctionContainer | None:
+        """A container restored from the snapshot, or ``None`` (no usable snapshot, or the restore failed)."""
+        snapshot = snap.registry.usable(snap.key)
+        if snapshot is None:
+            return None
+        fc = FunctionContainer(plan, self._on_output)
+        started = time.monotonic()
+        try:
+            fc.restore(snap.registry.store, snapshot)
+            fc.start(self._start_env(), reseed=snap.reseed)
+        except ContainerBootError:
+            fc.kill()
+            raise  # user code failed in @enter(snap=False): booting cold would fail the same way
+        except (SnapshotError, ContainerError, OSError) as exc:
+            fc.kill()
+            verdict = snap.registry.restore_failed(snap.key, snapshot.id, exc)
+            self._event(
+                f"Restore of {self.label} from memory snapshot {snapshot.id} failed ({verdict}), booting cold "
+                f"instead: {str(exc).splitlines()[0]}"
+            )
+            return None
+        millis = (time.monotonic() - started) * 1000
+        snap.registry.restored(snap.key, millis)
+        t = fc.timings
+        self._event(
+            f"Restored {self.label} from memory snapshot in {millis:.0f} ms (container {fc.id}: checks "
+            f"{t.get('check_ms', 0):.0f} ms, CRIU restore {t.get('criu_restore_ms', 0):.0f} ms, "
+            f"@enter(snap=False) and runtime {t.get('start_ms', 0):.0f} ms)"
+        )
+        return fc
+
+    def _make_snapshot(self, fc: FunctionContainer, snap: SnapshotPlan) -> None:
+        """Checkpoint a cold-booted container at its snapshot point, unless it holds network connections.
+
+        Never raises for the snapshot's sake: whatever goes wrong here, the cold-booted container serves.
+        """
+        connections = fc.open_connections()
+        if connections:
+            reason = "open network connection(s) at the snapshot point: " + ", ".join(connections)
+            snap.registry.not_created(snap.key, "refused", reason)
+            self._event(
+                f"No memory snapshot for {self.label}: the container holds {reason}. A snapshot cannot carry a live "
+                "connection into its copies; open it in an @enter(snap=False) method instead. "
+                "Serving from the cold-booted container."
+            )
+            return
+        self._event(f"Creating memory snapshot for {self.label}")
+        started = time.monotonic()
+        try:
+            snapshot = fc.checkpoint(snap.registry.store, app=snap.app_name, tag=snap.tag, key=snap.key)
+        except (SnapshotError, OSError) as exc:
+            verdict = snap.registry.creation_failed(snap.key, exc)
+            self._event(
+                f"Memory snapshot of {self.label} failed ({verdict}); serving from the cold-booted container: {exc}"
+            )
+            return
+        except BaseException as exc:
+            snap.registry.creation_failed(snap.key, exc)  # never leave the key 'creating'
+            raise
+        seconds = time.monotonic() - started
+        snap.registry.created(snap.key, snapshot, seconds)
+        self._event(f"Snapshot created in {seconds:.2f} s ({snapshot.size_bytes / 1e6:.0f} MB) for {self.label}")

@@ -1,0 +1,79 @@
+"""The shape of a deploy request's ``App.spec()``, checked field by field before the server acts on it.
+
+The SDK makes these specs, but the server's socket takes them from any root process: each field is checked
+for its type here (msgspec names the path of a bad one), and the values by the same rules the SDK applies at
+decoration (``sdk.options.check``, ``validation``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import msgspec
+
+from warmboot import validation
+from warmboot.errors import InvalidOptionError
+from warmboot.sdk import options as option_rules
+
+
+@dataclass(frozen=True)
+class VolumeRef:
+    name: str
+    create_if_missing: bool = False
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    name: str | None = None  #: a named secret, read from the server's state at each container start
+    values: dict[str, Any] | None = None  #: an inline ``Secret.from_dict``
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    enter_snap: list[str] = field(default_factory=list)
+    enter: list[str] = field(default_factory=list)
+    exit: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FunctionSpec:
+    kind: Literal["function", "cls"]
+    options: dict[str, Any]
+    image: dict[str, Any]
+    volumes: dict[str, VolumeRef] = field(default_factory=dict)
+    secrets: list[SecretRef] = field(default_factory=list)
+    lifecycle: Lifecycle | None = None
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    functions: dict[str, FunctionSpec]
+    name: str | None = None
+    reseed_after_restore: bool = True
+
+
+def check(app_name: str, spec: dict[str, Any]) -> AppSpec:
+    """The typed spec, or :class:`InvalidOptionError` naming the function and option that is wrong."""
+    try:
+        typed = msgspec.convert(spec, AppSpec)
+    except msgspec.ValidationError as exc:
+        raise InvalidOptionError(f"app {app_name!r}: the deploy request's spec is malformed: {exc}") from None
+    for tag, fspec in typed.functions.items():
+        label = f"{app_name}.{tag}"
+        if not tag.isidentifier() or len(tag) > validation.MAX_NAME:
+            raise InvalidOptionError(f"app {app_name!r}: function name {tag[:40]!r} is not a Python identifier")
+        option_rules.check(label, fspec.options)
+        for path in fspec.volumes:
+            validation.mount_point(f"{label}: volumes=", path)
+        for volume in fspec.volumes.values():
+            validation.name("volume", volume.name)
+        for secret in fspec.secrets:
+            if secret.name is not None:
+                validation.name("secret", secret.name)
+            else:
+                validation.environment(f"{label}: Secret.from_dict()", secret.values)
+        if fspec.kind == "cls" and fspec.lifecycle is None:
+            raise InvalidOptionError(f"{label}: a class's spec needs its lifecycle (its @method()s)")
+    return typed
