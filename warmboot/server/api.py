@@ -106,9 +106,7 @@ class ApiServer:
             await self._send(writer, Reply.error(exc))
         except Exception as exc:
             log.exception("operation %s failed", op)
-            await self._send(
-                writer, Reply.error(ServerError(f"internal error in {op}: {type(exc).__name__}: {exc}"))
-            )
+            await self._send(writer, Reply.error(ServerError(f"internal error in {op}: {type(exc).__name__}: {exc}")))
         finally:
             self._open -= 1
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -152,9 +150,7 @@ class ApiServer:
 
     # ----- streaming operations --------------------------------------------------------------------------
 
-    async def _stream(
-        self, op: str, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _stream(self, op: str, request: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self._streaming >= MAX_STREAMS:
             raise ServerError(
                 f"the server is busy: {MAX_STREAMS} deploys and log followers are running (WARMBOOT_MAX_STREAMS); "

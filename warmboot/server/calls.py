@@ -190,14 +190,10 @@ class CallBook:
         """Forget finished calls older than :data:`RESULT_TTL`; returns how many rows went."""
         cutoff = (now or time.time()) - RESULT_TTL
         with self._lock:
-            for call_id in [
-                c.call_id for c in self._live.values() if c.done.is_set() and c.submitted_at < cutoff
-            ]:
+            for call_id in [c.call_id for c in self._live.values() if c.done.is_set() and c.submitted_at < cutoff]:
                 del self._live[call_id]
         with self._db_lock:
-            return self._db.execute(
-                "DELETE FROM calls WHERE state = 'done' AND finished_at < ?", (cutoff,)
-            ).rowcount
+            return self._db.execute("DELETE FROM calls WHERE state = 'done' AND finished_at < ?", (cutoff,)).rowcount
 
     def unfinished(self) -> int:
         with self._lock:
@@ -220,9 +216,7 @@ class CallBook:
         queued: list[Call] = []
         interrupted: list[Call] = []
         for call_id, app_id, tag, method, args, state, attempts, submitted_at in rows:
-            call = Call(
-                app_id, tag, method, args or b"", call_id=call_id, attempts=attempts, submitted_at=submitted_at
-            )
+            call = Call(app_id, tag, method, args or b"", call_id=call_id, attempts=attempts, submitted_at=submitted_at)
             self._track(call)
             if state == "running":
                 call.fail(restarted)

@@ -89,8 +89,7 @@ def deploy(plane: ControlPlane, request: Deploy, emit: Emit) -> dict[str, Any]:
     if not request.ephemeral:
         plane.retain_snapshots(app)
     app.event(
-        f"{'Running' if request.ephemeral else 'Deployed'} app {name} version {record.version} "
-        f"({', '.join(functions)})"
+        f"{'Running' if request.ephemeral else 'Deployed'} app {name} version {record.version} ({', '.join(functions)})"
     )
     app.start_min_containers()
     return {"app_id": record.app_id, "name": name, "version": record.version, "functions": list(functions)}

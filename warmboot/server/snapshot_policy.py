@@ -101,4 +101,3 @@ def may_recreate(state: str, recreations: int, missing_recreations: int) -> bool
     if state == "missing":
         return missing_recreations < MAX_MISSING_RECREATIONS
     return False
-

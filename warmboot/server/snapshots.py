@@ -235,8 +235,7 @@ class SnapshotRegistry:
                 decision = policy.decide_restore(failure, in_a_row)
                 retry_at = time.time() + decision.backoff_s if decision.backoff_s else None
                 self._db.execute(
-                    "UPDATE snapshots SET transient_failures = ?, backoffs = ?, retry_at = ?, reason = ? "
-                    "WHERE key = ?",
+                    "UPDATE snapshots SET transient_failures = ?, backoffs = ?, retry_at = ?, reason = ? WHERE key = ?",
                     (in_a_row, backoffs + bool(decision.backoff_s), retry_at, reason, key),
                 )
             if decision.backoff_s:

@@ -1,0 +1,341 @@
+"""The fast layer: the pool's scheduling and the calls book, with fake containers and barriers (no CRIU, no sleeps).
+
+A fake container's boot and each of its calls block on events the test controls, so every test decides exactly
+when a container finishes starting or a call returns, and checks the pool's counts at those moments.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from warmboot.errors import (
+    ContainerBootError,
+    ContainerCrashedError,
+    FunctionTimeoutError,
+    NotFoundError,
+    ServerRestartedError,
+)
+from warmboot.protocol import Outcome, Target
+from warmboot.server.calls import Call, CallBook
+from warmboot.server.pool import FunctionPool, PoolSettings
+
+WAIT = 30.0  # an upper bound on waits for other threads: reached only when the code under test is broken
+
+
+class FakeContainer:
+    """A container whose calls return when the test releases them (or raise what the test says)."""
+
+    def __init__(self, fleet: Fleet, n: int):
+        self.id = f"fake-{n}"
+        self.started_at = 0.0
+        self.calls_served = 0
+        self.pid = None
+        self.fleet = fleet
+        self.stopped = threading.Event()
+
+    def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
+        gate = self.fleet.call_gate
+        with self.fleet.lock:
+            self.fleet.running_calls.append(call_id)
+            self.fleet.changed.notify_all()
+        assert gate.wait(WAIT), "the test never released the call"
+        queued = self.fleet.failures.get(args)
+        if queued:
+            raise queued.pop(0)
+        self.calls_served += 1
+        return Outcome(ok=True, value=args)
+
+    def shutdown(self) -> None:
+        self.stopped.set()
+
+
+class Fleet:
+    """The launcher of fake containers: counts starts, holds each boot until the test releases it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.boot_gate = threading.Event()
+        self.call_gate = threading.Event()
+        self.starts = 0
+        self.booting = 0
+        self.max_booting = 0
+        self.running_calls: list[str] = []
+        self.boot_failure: Exception | None = None
+        self.failures: dict[bytes, list[Exception]] = {}  #: raised by calls with these args, one per attempt
+        self.containers: list[FakeContainer] = []
+
+    def __call__(self) -> FakeContainer:
+        with self.lock:
+            self.starts += 1
+            self.booting += 1
+            self.max_booting = max(self.max_booting, self.booting)
+            n = self.starts
+            self.changed.notify_all()
+        try:
+            assert self.boot_gate.wait(WAIT), "the test never released the boot"
+            if self.boot_failure is not None:
+                raise self.boot_failure
+            container = FakeContainer(self, n)
+            with self.lock:
+                self.containers.append(container)
+            return container
+        finally:
+            with self.lock:
+                self.booting -= 1
+                self.changed.notify_all()
+
+    def wait_for(self, predicate: str, check: object) -> None:
+        with self.lock:
+            assert self.changed.wait_for(check, WAIT), f"timed out waiting until {predicate}"  # type: ignore[arg-type]
+
+
+def make_pool(fleet: Fleet, **settings: object) -> tuple[FunctionPool, list[str]]:
+    events: list[str] = []
+    base = {
+        "label": "app.f",
+        "timeout": 60.0,
+        "retries": 0,
+        "min_containers": 0,
+        "max_containers": 10,
+        "scaledown_window": 60.0,
+    }
+    pool = FunctionPool(PoolSettings(**{**base, **settings}), fleet, events.append)  # type: ignore[arg-type]
+    return pool, events
+
+
+def new_call(payload: bytes = b"x") -> Call:
+    return Call(app_id="ap-test", tag="f", method=None, args=payload)
+
+
+def wait_done(*calls: Call) -> None:
+    for call in calls:
+        assert call.done.wait(WAIT), f"call {call.call_id} never ended"
+
+
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    fleet = Fleet()
+    yield fleet
+    fleet.boot_gate.set()  # nothing left blocked when a test fails half-way
+    fleet.call_gate.set()
+
+
+# ----- scale-up matched to demand -------------------------------------------------------------------------------
+
+
+def test_a_burst_starts_one_container_per_waiting_call_and_no_more(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet, max_containers=20)
+    calls = [new_call(bytes([i])) for i in range(12)]
+    for call in calls:
+        pool.submit(call)
+    fleet.wait_for("12 containers are booting", lambda: fleet.booting == 12)
+    assert fleet.starts == 12 and pool.counts()["booting"] == 12
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    wait_done(*calls)
+    assert [c.outcome.value for c in calls] == [bytes([i]) for i in range(12)]  # type: ignore[union-attr]
+    assert fleet.starts == 12, "no container started beyond the calls that waited"
+    pool.stop()
+
+
+def test_calls_arriving_while_containers_boot_do_not_start_extra_ones(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet)
+    first = new_call()
+    pool.submit(first)
+    fleet.wait_for("one booting", lambda: fleet.booting == 1)
+    second = new_call()
+    pool.submit(second)  # one more waiting call: one more container, not two
+    fleet.wait_for("two booting", lambda: fleet.booting == 2)
+    assert pool.counts() == {"booting": 2, "running": 0, "idle": 0, "waiting": 2}
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    wait_done(first, second)
+    assert fleet.starts == 2
+    pool.stop()
+
+
+def test_an_idle_container_takes_the_next_call_instead_of_a_new_start(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    for i in range(5):
+        call = new_call(bytes([i]))
+        pool.submit(call)
+        wait_done(call)
+    assert fleet.starts == 1
+    pool.stop()
+
+
+def test_max_containers_caps_starts_and_the_rest_queue(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet, max_containers=3)
+    calls = [new_call(bytes([i])) for i in range(8)]
+    for call in calls:
+        pool.submit(call)
+    fleet.wait_for("three booting", lambda: fleet.booting == 3)
+    assert pool.counts()["waiting"] == 8 and fleet.starts == 3
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    wait_done(*calls)
+    assert fleet.starts == 3 and fleet.max_booting == 3
+    pool.stop()
+
+
+def test_max_inputs_retires_a_container_and_queued_calls_get_a_fresh_one(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet, max_inputs=1, max_containers=1)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    calls = [new_call(bytes([i])) for i in range(3)]
+    for call in calls:
+        pool.submit(call)
+    wait_done(*calls)
+    assert fleet.starts == 3, "each container served one input"
+    assert all(c.stopped.wait(WAIT) for c in fleet.containers)
+    pool.stop()
+
+
+# ----- every accepted call ends -----------------------------------------------------------------------------------
+
+
+def test_a_crash_is_retried_up_to_retries_then_fails(fleet: Fleet) -> None:
+    pool, events = make_pool(fleet, retries=1)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    fleet.failures[b"boom"] = [ContainerCrashedError("container died while running")]
+    call = new_call(b"boom")
+    pool.submit(call)
+    wait_done(call)
+    assert call.outcome is not None and call.outcome.ok, "the retry ran on a fresh container and succeeded"
+    assert call.attempts == 2 and fleet.starts == 2
+    fleet.failures[b"boom"] = [ContainerCrashedError("died once"), ContainerCrashedError("died twice")]
+    again = new_call(b"boom")
+    pool.submit(again)
+    wait_done(again)
+    assert again.attempts == 2
+    assert again.outcome is not None and again.outcome.error_type == "ContainerCrashedError"
+    assert again.outcome.message == "died twice"
+    assert any("attempt 2 of 2" in e for e in events)
+    pool.stop()
+
+
+def test_a_timeout_fails_only_its_call(fleet: Fleet) -> None:
+    pool, events = make_pool(fleet)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    fleet.failures[b"slow"] = [FunctionTimeoutError("app.f call exceeded its timeout of 3 s")]
+    slow, fine = new_call(b"slow"), new_call(b"fine")
+    pool.submit(slow)
+    wait_done(slow)
+    pool.submit(fine)
+    wait_done(fine)
+    assert slow.outcome is not None and slow.outcome.error_type == "FunctionTimeoutError"
+    assert fine.outcome is not None and fine.outcome.ok
+    assert any("exceeded its timeout" in e for e in events)
+    pool.stop()
+
+
+def test_a_failed_boot_fails_the_calls_waiting_for_it(fleet: Fleet) -> None:
+    pool, events = make_pool(fleet, max_containers=1)
+    fleet.boot_failure = ContainerBootError("app.f failed while importing the app:", "Traceback ...")
+    calls = [new_call(), new_call()]
+    for call in calls:
+        pool.submit(call)
+    fleet.boot_gate.set()
+    wait_done(*calls)
+    assert all(c.outcome is not None and c.outcome.error_type == "ContainerBootError" for c in calls)
+    assert any("failed to start" in e for e in events)
+    pool.stop()
+
+
+def test_stopping_the_pool_ends_queued_and_running_calls(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet, max_containers=1)
+    fleet.boot_gate.set()
+    running, queued = new_call(b"r"), new_call(b"q")
+    pool.submit(running)
+    pool.submit(queued)
+    fleet.wait_for("the first call runs", lambda: running.call_id in fleet.running_calls)
+    fleet.failures[b"r"] = [ContainerCrashedError("container stopped")]  # what shutting it down does to its call
+    pool.stop()
+    fleet.call_gate.set()
+    wait_done(running, queued)
+    assert queued.outcome is not None and "was stopped before this input ran" in queued.outcome.message
+    assert running.outcome is not None and not running.outcome.ok
+    late = new_call()
+    pool.submit(late)
+    wait_done(late)
+    assert late.outcome is not None and "is stopped" in late.outcome.message
+
+
+def test_an_unexpected_worker_error_still_ends_the_call(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    fleet.failures[b"bug"] = [KeyError("a bug in the worker")]
+    call = new_call(b"bug")
+    pool.submit(call)
+    wait_done(call)
+    assert call.outcome is not None and "internal error running the call" in call.outcome.message
+    pool.stop()
+
+
+# ----- the calls book: durable calls --------------------------------------------------------------------------------
+
+
+def _book(path: Path) -> CallBook:
+    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+    return CallBook(db, threading.Lock())
+
+
+def test_calls_survive_a_restart_running_ones_end_and_queued_ones_come_back(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    book = _book(db)
+    target = Target(tag="f", app_name="app")
+    done = book.accept(target, "ap-1", b"a", detached=True)
+    running = book.accept(target, "ap-1", b"b", detached=True)
+    queued = book.accept(target, "ap-1", b"c", detached=True)
+    done.started()
+    done.finish(Outcome(ok=True, value=b"42"))
+    running.started()
+
+    after = _book(db)  # a new server on the same database, the old one gone without a word
+    requeued, interrupted = after.recover(ServerRestartedError("the server restarted while this call ran"))
+    assert [c.call_id for c in requeued] == [queued.call_id] and requeued[0].args == b"c"
+    assert [c.call_id for c in interrupted] == [running.call_id]
+    ended = after.get(running.call_id)
+    assert ended.outcome is not None and ended.outcome.error_type == "ServerRestartedError"
+    fetched = after.get(done.call_id)
+    assert fetched.outcome == Outcome(ok=True, value=b"42")
+
+
+def test_delivered_calls_are_forgotten_and_results_expire(tmp_path: Path) -> None:
+    book = _book(tmp_path / "state.db")
+    target = Target(tag="f", app_name="app")
+    sync = book.accept(target, "ap-1", b"a", detached=False)
+    sync.finish(Outcome(ok=True, value=b"1"))
+    book.delivered(sync)
+    with pytest.raises(NotFoundError, match="unknown, or its result expired"):
+        book.get(sync.call_id)
+    spawned = book.accept(target, "ap-1", b"b", detached=True)
+    spawned.finish(Outcome(ok=True, value=b"2"))
+    assert book.get(spawned.call_id).outcome == Outcome(ok=True, value=b"2")
+    assert book.expire(now=spawned.submitted_at + 10 * 24 * 3600) == 1
+    with pytest.raises(NotFoundError):
+        book.get(spawned.call_id)
+
+
+def test_a_call_finishes_once(tmp_path: Path) -> None:
+    book = _book(tmp_path / "state.db")
+    call = book.accept(Target(tag="f", app_name="app"), "ap-1", b"a", detached=True)
+    heard: list[Outcome | None] = []
+    call.when_done(lambda c: heard.append(c.outcome))
+    assert call.finish(Outcome(ok=True, value=b"first"))
+    assert not call.finish(Outcome(ok=True, value=b"second"))
+    assert not call.fail(ContainerCrashedError("late"))
+    assert heard == [Outcome(ok=True, value=b"first")]
+    call.when_done(lambda c: heard.append(c.outcome))  # registered after the end: runs at once
+    assert len(heard) == 2 and book.get(call.call_id).outcome == Outcome(ok=True, value=b"first")
