@@ -121,6 +121,7 @@ class CallBook:
 
     def accept(self, target: Target, app_id: str, args: bytes, *, detached: bool) -> Call:
         """Record a new call (one transaction) before anything runs it."""
+        self.expire()
         call = Call(app_id=app_id, tag=target.tag, method=target.method, args=args)
         self._write(
             "INSERT INTO calls (call_id, app_id, tag, method, args, state, submitted_at, detached) "
@@ -154,6 +155,10 @@ class CallBook:
             call.call_id,
         )
         call.args = b""  # the database no longer has them either; a finished call needs no arguments
+        with self._lock:
+            # From here on the database answers for it: memory holds only unfinished calls, however many
+            # results wait to be fetched.
+            self._live.pop(call.call_id, None)
 
     def delivered(self, call: Call) -> None:
         """A ``.remote()`` caller has its outcome: nobody can ask for it again, so forget the call."""
@@ -187,11 +192,8 @@ class CallBook:
         return call
 
     def expire(self, now: float | None = None) -> int:
-        """Forget finished calls older than :data:`RESULT_TTL`; returns how many rows went."""
+        """Forget finished calls older than :data:`RESULT_TTL`; returns how many went."""
         cutoff = (now or time.time()) - RESULT_TTL
-        with self._lock:
-            for call_id in [c.call_id for c in self._live.values() if c.done.is_set() and c.submitted_at < cutoff]:
-                del self._live[call_id]
         with self._db_lock:
             return self._db.execute("DELETE FROM calls WHERE state = 'done' AND finished_at < ?", (cutoff,)).rowcount
 
