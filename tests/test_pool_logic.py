@@ -37,6 +37,10 @@ class FakeContainer:
         self.pid = None
         self.fleet = fleet
         self.stopped = threading.Event()
+        self.broken = False  #: died or spoke out of turn while idle
+
+    def healthy(self) -> bool:
+        return not self.broken
 
     def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
         gate = self.fleet.call_gate
@@ -269,6 +273,23 @@ def test_stopping_the_pool_ends_queued_and_running_calls(fleet: Fleet) -> None:
     pool.submit(late)
     wait_done(late)
     assert late.outcome is not None and "is stopped" in late.outcome.message
+
+
+def test_an_input_is_never_sent_to_a_container_that_broke_while_idle(fleet: Fleet) -> None:
+    pool, events = make_pool(fleet)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    first = new_call(b"1")
+    pool.submit(first)
+    wait_done(first)
+    fleet.containers[0].broken = True
+    second = new_call(b"2")
+    pool.submit(second)
+    wait_done(second)
+    assert second.outcome is not None and second.outcome.ok and second.attempts == 1
+    assert fleet.starts == 2 and fleet.containers[0].stopped.is_set()
+    assert any("stopped while idle" in e for e in events)
+    pool.stop()
 
 
 def test_an_unexpected_worker_error_still_ends_the_call(fleet: Fleet) -> None:

@@ -39,6 +39,10 @@ class ContainerHandle(Protocol):
     @property
     def pid(self) -> int | None: ...
 
+    def healthy(self) -> bool:
+        """Whether it can take an input now (alive, and has not spoken out of turn since its last reply)."""
+        ...
+
     def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
         """Run one input; raises FunctionTimeoutError or ContainerCrashedError (the container is then dead)."""
         ...
@@ -209,6 +213,14 @@ class FunctionPool:
         idle = False
         while (call := self._next_call(fc.id, already_idle=idle)) is not None:
             idle = False
+            if not fc.healthy():
+                # It died or misbehaved while idle: the input was never sent, so it goes back to the front of
+                # the queue without costing an attempt, and this container stops.
+                self._event(f"Container {fc.id} of {self.settings.label} stopped while idle; its next input waits")
+                with self._cond:
+                    self._queue.appendleft(call)
+                    self._cond.notify()
+                return
             call.started()
             began = time.monotonic()
             try:

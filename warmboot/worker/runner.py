@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import threading
 import time
 import uuid
@@ -87,6 +88,7 @@ class FunctionContainer:
         self._groups: cgroups.Groups | None = None
         self._network: network.Network | None = None
         self._pumps: list[threading.Thread] = []
+        self._finished: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<FunctionContainer {self.id} {self.plan.label}>"
@@ -215,6 +217,27 @@ class FunctionContainer:
     def pid(self) -> int | None:
         return self.container.pid if self.container is not None else None
 
+    def healthy(self) -> bool:
+        """Whether the container can take an input: running, and silent since its last reply.
+
+        A container that wrote on its control channel while idle spoke out of turn: it is stopped here, before
+        an input is sent to it, so that its words are never read as the next caller's result.
+        """
+        if self.container is None or not self.container.is_running():
+            return False
+        stream = self.container.channels.control_out
+        try:
+            spoke = bool(select.select([stream], [], [], 0)[0])
+        except (OSError, ValueError):
+            spoke = True
+        if spoke:
+            log.warning(
+                "container %s of %s wrote on its control channel while idle; stopping it", self.id, self.plan.label
+            )
+            self.kill()
+            return False
+        return True
+
     def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
         """Run one call and return its outcome.
 
@@ -260,19 +283,31 @@ class FunctionContainer:
             self.container.wait(timeout)
         self.kill()
 
+    def on_finished(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when this container has been killed (:meth:`kill`, which ends :meth:`shutdown`)."""
+        self._finished.append(callback)
+
     def kill(self) -> None:
-        """Kill the container (if still running), wait for its output to drain, release its cgroup."""
-        if self.container is not None:
-            with contextlib.suppress(OSError, TimeoutError):
-                self.container.kill()
-        if self._network is not None:
-            self._network.close()
-            self._network = None
-        for pump in self._pumps:
-            pump.join(timeout=2)
-        if self._groups is not None:
-            self._groups.remove()
-            self._groups = None
+        """Kill the container (if still running), wait for its output to drain, release its cgroup and GPUs.
+
+        What :meth:`on_finished` was given runs here, once, even if releasing the cgroup fails.
+        """
+        try:
+            if self.container is not None:
+                with contextlib.suppress(OSError, TimeoutError):
+                    self.container.kill()
+            if self._network is not None:
+                self._network.close()
+                self._network = None
+            for pump in self._pumps:
+                pump.join(timeout=2)
+            if self._groups is not None:
+                self._groups.remove()
+                self._groups = None
+        finally:
+            finished, self._finished = self._finished, []
+            for callback in finished:
+                callback()
 
     # ----- plumbing ----------------------------------------------------------------------------------
 
