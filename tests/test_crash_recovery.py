@@ -121,7 +121,7 @@ def test_spawned_calls_across_a_server_kill(crashy: Platform) -> None:
         out = []
         for call_id in ({first!r}, {second!r}):
             try:
-                out.append(["ok", warmboot.FunctionCall(call_id).get(timeout=120)])
+                out.append(["ok", warmboot.FunctionCall.from_id(call_id).get(timeout=120)])
             except Exception as exc:
                 out.append([type(exc).__name__, str(exc)])
         print(json.dumps(out))

@@ -18,6 +18,20 @@ class FunctionCall:
     def __init__(self, call_id: str):
         self.object_id = call_id
 
+    def __repr__(self) -> str:
+        return f"FunctionCall({self.object_id!r})"
+
+    @classmethod
+    def from_id(cls, function_call_id: str) -> FunctionCall:
+        """The call with this id (``.object_id`` of a spawned call), e.g. from another process or after a
+        server restart: its ``.get()`` returns the result, or says why there is none."""
+        if not isinstance(function_call_id, str) or not function_call_id.startswith("fc-"):
+            raise InvalidOptionError(
+                f"FunctionCall.from_id: {function_call_id!r} is not a call id (they look like 'fc-0123abcd...', "
+                "the .object_id of a spawned call)"
+            )
+        return cls(function_call_id)
+
     def get(self, timeout: float | None = None) -> Any:
         """The call's result (or its exception, re-raised); ``TimeoutError`` if not done within ``timeout``."""
         from warmboot.sdk import client

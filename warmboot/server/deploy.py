@@ -85,11 +85,18 @@ def deploy(plane: ControlPlane, request: Deploy, emit: Emit) -> dict[str, Any]:
     record = plane.state.add_app(
         name, ephemeral=request.ephemeral, spec=spec, code_dir=str(code_dir), app_file=request.filename
     )
+    # Recorded (one transaction): from here on the new version is the deployed one, so nothing below may fail
+    # the deploy half-way; what goes wrong is logged against the app instead.
     app = plane.install_app(record, replacing=previous.app_id if previous else None)
-    if not request.ephemeral:
-        plane.retain_snapshots(app)
-    app.event(
-        f"{'Running' if request.ephemeral else 'Deployed'} app {name} version {record.version} ({', '.join(functions)})"
-    )
-    app.start_min_containers()
+    try:
+        if not request.ephemeral:
+            plane.retain_snapshots(app)
+        app.event(
+            f"{'Running' if request.ephemeral else 'Deployed'} app {name} version {record.version} "
+            f"({', '.join(functions)})"
+        )
+        app.start_min_containers()
+    except Exception as exc:  # the version is live: report, don't unwind
+        log.exception("after deploying %s", name)
+        app.event(f"Deployed, but a follow-up step failed (see the server log): {type(exc).__name__}: {exc}")
     return {"app_id": record.app_id, "name": name, "version": record.version, "functions": list(functions)}
