@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import typer
 from rich.table import Table
 
@@ -13,7 +15,8 @@ snapshots = typer.Typer(help="Memory snapshots of deployed functions.", no_args_
 
 @snapshots.command("list")
 def snapshot_list() -> None:
-    """List memory snapshots: function, key, state, size, when made, restores and the last restore's time.
+    """List memory snapshots: function, key, state, size, when made, restores, the last restore's time, and why
+    a snapshot is not in use (its state's reason, and when it is tried again after a back-off).
 
     Example:
 
@@ -31,9 +34,17 @@ def snapshot_list() -> None:
             f"{r['create_seconds']:.2f} s" if r["create_seconds"] else "-",
             str(r["restores"]),
             f"{r['last_restore_ms']:.0f} ms at {timestamp(r['last_restore_at'])}" if r["last_restore_ms"] else "-",
-            (r["reason"] or "")[:80],
+            _note(r),
         )
     console.print(table)
+
+
+def _note(row: dict) -> str:
+    note = (row["reason"] or "")[:100]
+    retry_at = row.get("retry_at")
+    if retry_at and retry_at > time.time():
+        note += f" (tried again after {timestamp(retry_at)})"
+    return note
 
 
 @snapshots.command("rm")
