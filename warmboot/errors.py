@@ -98,6 +98,10 @@ class ContainerCrashedError(ContainerError):
     """The container running a call died before returning a result."""
 
 
+class GpuAllocationCancelledError(ContainerError):
+    """A container's start was cancelled (its pool stopped) while it waited for free GPUs."""
+
+
 class ContainerBootError(ContainerError):
     """User code failed while the container started (import of the app file, or an ``@enter`` hook)."""
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from warmboot.errors import NotFoundError
 from warmboot.server.images import ResolvedImage
-from warmboot.server.launcher import Launcher, SnapshotPlan
+from warmboot.server.launcher import GpuPlan, Launcher, SnapshotPlan
 from warmboot.server.pool import FunctionPool, PoolSettings
 from warmboot.server.snapshots import snapshot_key
 from warmboot.server.state import AppRecord
@@ -126,7 +126,9 @@ class RunningApp:
                 tag=tag,
                 reseed=bool(self.record.spec.get("reseed_after_restore", True)),
             )
-        launcher = Launcher(label, make_plan, start_env, on_output, self.event, snapshots)
+        stopped = self.server.gpu_allocator.cancel_event()  # set by the pool's stop(): a start waiting for GPUs ends
+        gpu_plan = GpuPlan(self.server.gpu_allocator, str(opts["gpu"]), stopped) if opts["gpu"] else None
+        launcher = Launcher(label, make_plan, start_env, on_output, self.event, snapshots, gpu_plan)
         settings = PoolSettings(
             label=label,
             timeout=float(opts["timeout"]),
@@ -136,7 +138,7 @@ class RunningApp:
             scaledown_window=float(opts["scaledown_window"]),
             max_inputs=opts.get("max_inputs"),
         )
-        return FunctionPool(settings, launcher, self.event)
+        return FunctionPool(settings, launcher, self.event, stopped=stopped)
 
     def event(self, text: str) -> None:
         log.info("%s: %s", self.record.name, text)

@@ -34,6 +34,7 @@ from warmboot.server import deploy as deploys
 from warmboot.server.api import ApiServer
 from warmboot.server.apps import RunningApp
 from warmboot.server.calls import Call, CallBook
+from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.logs import LogBook
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.state import AppRecord, State
@@ -58,6 +59,7 @@ class ControlPlane:
         self.snapshots = SnapshotRegistry(self.state.connection, self.state.lock, store)
         self.calls = CallBook(self.state.connection, self.state.lock)
         self.apps: dict[str, RunningApp] = {}
+        self.gpu_allocator = GpuAllocator(gpus.inventory())  #: this host's GPUs, shared by every app's pools
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.started_at = time.time()

@@ -7,13 +7,17 @@ is this boot's turn, and a failed restore is classified (``server.snapshot_polic
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from warmboot.errors import ContainerBootError, ContainerError, SnapshotError
+from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.snapshots import SnapshotRegistry
+from warmboot.worker import gpus as gpu_devices
 from warmboot.worker.runner import FunctionContainer, LaunchPlan, OutputSink
 
 log = logging.getLogger("warmboot.launcher")
@@ -30,6 +34,15 @@ class SnapshotPlan:
     reseed: bool = True
 
 
+@dataclass
+class GpuPlan:
+    """Where a gpu= function's containers get their GPUs: ``request`` (``"h100:2"``) from the host's allocator."""
+
+    allocator: GpuAllocator
+    request: str
+    cancelled: threading.Event | None = None  #: set when the pool stops: a start still waiting for GPUs gives up
+
+
 class Launcher:
     """Starts containers of one function (called by its pool, from the pool's container threads)."""
 
@@ -41,6 +54,7 @@ class Launcher:
         on_output: OutputSink,
         on_event: Callable[[str], None],
         snapshots: SnapshotPlan | None = None,
+        gpus: GpuPlan | None = None,
     ):
         self.label = label
         self._make_plan = make_plan
@@ -48,10 +62,29 @@ class Launcher:
         self._on_output = on_output
         self._event = on_event
         self.snapshots = snapshots
+        self.gpus = gpus
 
     def __call__(self) -> FunctionContainer:
-        """A started container, ready for inputs."""
+        """A started container, ready for inputs (holding GPUs of its own, for a gpu= function)."""
         plan = self._make_plan()
+        if self.gpus is None:
+            return self._launch(plan)
+        kind, count = gpu_devices.parse_request(self.gpus.request)
+        allocation = self.gpus.allocator.acquire(
+            kind,
+            count,
+            self.gpus.cancelled,
+            on_wait=lambda: self._event(f"{self.label} waits for {count} free GPU(s) of type {kind!r}"),
+        )
+        try:
+            fc = self._launch(dataclasses.replace(plan, gpus=allocation.inventory))
+        except BaseException:
+            allocation.release()
+            raise
+        fc.on_finished(allocation.release)  # whenever it is killed: shutdown, crash, timeout, pool stop
+        return fc
+
+    def _launch(self, plan: LaunchPlan) -> FunctionContainer:
         snap = self.snapshots
         if snap is not None and (restored := self._restore(plan, snap)) is not None:
             return restored

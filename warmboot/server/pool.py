@@ -73,8 +73,11 @@ class FunctionPool:
         settings: PoolSettings,
         launch: Launch,
         on_event: Callable[[str], None],
+        stopped: threading.Event | None = None,
     ):
         self.settings = settings
+        #: Set by stop(): a start still waiting for GPUs (``server.launcher``) gives up.
+        self.stopped = stopped if stopped is not None else threading.Event()
         self._launch = launch
         self._event = on_event
         self._queue: collections.deque[Call] = collections.deque()
@@ -121,6 +124,7 @@ class FunctionPool:
             self._queue.clear()
             containers = list(self._containers.values())
             self._cond.notify_all()
+        self.stopped.set()
         for call in leftover:
             call.fail(WarmbootError(f"{self.settings.label} was stopped before this input ran"))
         for c in containers:

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,19 +26,68 @@ _CONTROL_NODES = ("/dev/nvidiactl", "/dev/nvidia-uvm", "/dev/nvidia-uvm-tools", 
 
 
 @dataclass(frozen=True)
+class Gpu:
+    """One GPU of this worker: its host index, device node and model name ("" where the driver does not say)."""
+
+    index: int
+    node: str
+    model: str = ""
+
+    def matches(self, kind: str) -> bool:
+        """Whether a ``gpu=`` type (``"h100"``, ``"any"``) fits this GPU; a GPU of unknown model fits any type."""
+        wanted = kind.strip().lower()
+        return wanted in ("", "any") or not self.model or wanted in self.model.lower()
+
+
+@dataclass(frozen=True)
 class GpuInventory:
-    """Device nodes of the GPUs (one per GPU, in index order) and of the driver's control devices."""
+    """Device nodes of the GPUs (one per GPU, in index order) and of the driver's control devices.
+
+    ``indices`` are the GPUs' host indices (their positions when not given), ``models`` their model names
+    (unknown when not given): a container given a :meth:`subset` sees those GPUs and no others.
+    """
 
     gpus: tuple[str, ...]
     control: tuple[str, ...]
+    indices: tuple[int, ...] = ()
+    models: tuple[str, ...] = ()
+
+    def devices(self) -> tuple[Gpu, ...]:
+        indices = self.indices or tuple(range(len(self.gpus)))
+        models = self.models or ("",) * len(self.gpus)
+        return tuple(Gpu(i, node, model) for i, node, model in zip(indices, self.gpus, models, strict=True))
+
+    def matching(self, kind: str) -> tuple[Gpu, ...]:
+        """The GPUs a ``gpu=`` type fits."""
+        return tuple(g for g in self.devices() if g.matches(kind))
+
+    def subset(self, indices: Iterable[int]) -> GpuInventory:
+        """These GPUs (by host index) with the control nodes: what one container gets."""
+        wanted = set(indices)
+        chosen = [g for g in self.devices() if g.index in wanted]
+        missing = wanted - {g.index for g in chosen}
+        if missing:
+            raise ValueError(f"no GPU with index {sorted(missing)} in {self}")
+        return GpuInventory(
+            tuple(g.node for g in chosen),
+            self.control,
+            tuple(g.index for g in chosen),
+            tuple(g.model for g in chosen),
+        )
 
     def nodes(self) -> tuple[str, ...]:
         return self.gpus + self.control
 
     def visible_env(self) -> dict[str, str]:
-        """The variables that show a process all of this worker's GPUs."""
-        indices = ",".join(str(i) for i in range(len(self.gpus)))
-        return {"CUDA_VISIBLE_DEVICES": indices, "NVIDIA_VISIBLE_DEVICES": indices}
+        """The variables that show a process the GPUs of this inventory.
+
+        A container has only these GPUs' device nodes, so CUDA numbers them from 0 (``CUDA_VISIBLE_DEVICES``
+        counts from 0); ``NVIDIA_VISIBLE_DEVICES`` names their host indices, as NVIDIA's container toolkit does.
+        """
+        return {
+            "CUDA_VISIBLE_DEVICES": ",".join(str(i) for i in range(len(self.gpus))),
+            "NVIDIA_VISIBLE_DEVICES": ",".join(str(g.index) for g in self.devices()),
+        }
 
 
 HIDDEN_ENV = {
@@ -50,14 +100,34 @@ HIDDEN_ENV = {
 
 
 def inventory() -> GpuInventory:
-    """The GPUs of this worker (empty when it has none)."""
+    """The GPUs of this worker (empty when it has none), with their host indices and, where known, models."""
     configured = os.environ.get(DEVICES_ENV)
     if configured is not None:
         gpus = tuple(p for p in configured.split(":") if p)
     else:
         gpus = tuple(sorted(glob.glob("/dev/nvidia[0-9]*"), key=lambda p: int(p.removeprefix("/dev/nvidia"))))
     control = tuple(p for p in _CONTROL_NODES if os.path.exists(p)) if gpus else ()
-    return GpuInventory(gpus, control)
+    # /dev/nvidiaN is the GPU of device minor N; a node named otherwise (WARMBOOT_GPU_DEVICES) goes by position.
+    names = [re.fullmatch(r"nvidia(\d+)", os.path.basename(p)) for p in gpus]
+    minors = tuple(int(m.group(1)) for m in names if m)
+    if len(set(minors)) != len(gpus):
+        return GpuInventory(gpus, control)
+    by_minor = _models_by_minor()
+    return GpuInventory(gpus, control, minors, tuple(by_minor.get(i, "") for i in minors))
+
+
+def _models_by_minor() -> dict[int, str]:
+    """Model names by device minor, from the driver's ``information`` files."""
+    found: dict[int, str] = {}
+    for info in glob.glob("/proc/driver/nvidia/gpus/*/information"):
+        fields: dict[str, str] = {}
+        with contextlib.suppress(OSError), open(info) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+        if fields.get("Device Minor", "").isdigit():
+            found[int(fields["Device Minor"])] = fields.get("Model", "")
+    return found
 
 
 def add_to_container(init_pid: int, nodes: tuple[str, ...]) -> None:
@@ -90,14 +160,19 @@ def models() -> list[str]:
     return found
 
 
+def parse_request(gpu: str) -> tuple[str, int]:
+    """A ``gpu=`` option as (type, count): ``"h100:2"`` is ("h100", 2), ``"any"`` is ("any", 1)."""
+    kind, _, count_text = str(gpu).partition(":")
+    return kind.strip(), int(count_text) if count_text.strip().isdigit() else 1
+
+
 def check_request(gpu: str, label: str, inventory_: GpuInventory | None = None) -> None:
     """Refuse a ``gpu=`` request this worker cannot honour, naming what it has.
 
     ``gpu`` is ``"any"`` or a type such as ``"h100"``/``"A10G"``, optionally with a count (``"h100:2"``).
     """
     have = inventory_ or inventory()
-    kind, _, count_text = str(gpu).partition(":")
-    count = int(count_text) if count_text.isdigit() else 1
+    kind, count = parse_request(gpu)
     names = models()
     described = ", ".join(names) if names else f"{len(have.gpus)} GPU(s) of unknown type"
     if not have.gpus:
@@ -105,12 +180,20 @@ def check_request(gpu: str, label: str, inventory_: GpuInventory | None = None) 
             f"{label}: gpu={gpu!r} cannot be honoured: this machine has no NVIDIA GPU (no /dev/nvidia* devices). "
             "Remove gpu= or deploy on a machine with one."
         )
+    if count < 1:
+        raise UnsupportedOptionError(f"{label}: gpu={gpu!r} asks for no GPU; ask for at least one, or remove gpu=")
     if count > len(have.gpus):
         raise UnsupportedOptionError(f"{label}: gpu={gpu!r} asks for {count} GPUs; this machine has {described}")
-    wanted = kind.strip().lower()
-    if wanted not in ("", "any") and names and not all(wanted in n.lower() for n in names):
+    wanted = kind.lower()
+    if wanted not in ("", "any") and names and not any(wanted in n.lower() for n in names):
         raise UnsupportedOptionError(
             f"{label}: gpu={gpu!r} cannot be honoured: this machine has {described}; use gpu='any' or one of its types"
+        )
+    fitting = have.matching(kind)
+    if count > len(fitting):
+        raise UnsupportedOptionError(
+            f"{label}: gpu={gpu!r} asks for {count} GPUs of that type; this machine has {len(fitting)} "
+            f"(all its GPUs: {described})"
         )
 
 
