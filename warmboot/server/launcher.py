@@ -103,7 +103,7 @@ class Launcher:
 
     def _restore(self, plan: LaunchPlan, snap: SnapshotPlan) -> FunctionContainer | None:
         """A container restored from the snapshot, or ``None`` (no usable snapshot, or the restore failed)."""
-        snapshot = snap.registry.usable(snap.key)
+        snapshot = snap.registry.usable(snap.key, on_failure=self._restore_failed)
         if snapshot is None:
             return None
         fc = FunctionContainer(plan, self._on_output)
@@ -116,11 +116,7 @@ class Launcher:
             raise  # user code failed in @enter(snap=False): booting cold would fail the same way
         except (SnapshotError, ContainerError, OSError) as exc:
             fc.kill()
-            verdict = snap.registry.restore_failed(snap.key, snapshot.id, exc)
-            self._event(
-                f"Restore of {self.label} from memory snapshot {snapshot.id} failed ({verdict}), booting cold "
-                f"instead: {str(exc).splitlines()[0]}"
-            )
+            self._restore_failed(snapshot.id, exc, snap.registry.restore_failed(snap.key, snapshot.id, exc))
             return None
         millis = (time.monotonic() - started) * 1000
         snap.registry.restored(snap.key, millis)
@@ -131,6 +127,12 @@ class Launcher:
             f"@enter(snap=False) and runtime {t.get('start_ms', 0):.0f} ms)"
         )
         return fc
+
+    def _restore_failed(self, snapshot_id: str, exc: BaseException, verdict: str) -> None:
+        self._event(
+            f"Restore of {self.label} from memory snapshot {snapshot_id} failed ({verdict}), booting cold "
+            f"instead: {str(exc).splitlines()[0]}"
+        )
 
     def _make_snapshot(self, fc: FunctionContainer, snap: SnapshotPlan) -> None:
         """Checkpoint a cold-booted container at its snapshot point, unless it holds network connections.

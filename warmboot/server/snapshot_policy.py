@@ -16,10 +16,13 @@ Failures of a *restore* fall in four classes:
 
 Failures of a *creation* are transient when the OS refused (a full disk, an I/O error): a later cold boot
 tries again after the back-off. Others (CRIU cannot dump what the container holds) are final for the version.
+
+The first back-off is ``WARMBOOT_SNAPSHOT_BACKOFF_S`` seconds (read at import; default 30).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from enum import Enum
@@ -35,7 +38,7 @@ from warmboot.errors import (
 MAX_RECREATIONS = 1  #: corrupt snapshots made again per version
 MAX_MISSING_RECREATIONS = 3  #: vanished snapshots made again per version
 TRANSIENT_BURST = 3  #: transient failures in a row before backing off
-BACKOFF_FIRST_S = 30.0
+BACKOFF_FIRST_S = float(os.environ.get("WARMBOOT_SNAPSHOT_BACKOFF_S", "30"))
 BACKOFF_MAX_S = 600.0
 
 _OS_TROUBLE = re.compile(r"No space left on device|Disk quota exceeded|Input/output error|Read-only file system")
@@ -61,11 +64,18 @@ def classify_restore(exc: BaseException) -> Failure:
     return Failure.CORRUPT
 
 
+def os_trouble(exc: BaseException) -> str | None:
+    """What the OS refused with ("No space left on device", ...), where ``exc``'s message (CRIU's lines included)
+    says so."""
+    match = _OS_TROUBLE.search(str(exc))
+    return match.group(0) if match else None
+
+
 def creation_is_transient(exc: BaseException) -> bool:
     """Whether a failed creation may succeed later (the OS refused), rather than never for this version."""
     if isinstance(exc, OSError):
         return True  # a full disk, a vanished directory, an I/O error: the host, not the function
-    return bool(_OS_TROUBLE.search(str(exc)))
+    return os_trouble(exc) is not None
 
 
 def backoff_seconds(bursts: int) -> float:

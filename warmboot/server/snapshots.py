@@ -25,6 +25,7 @@ import logging
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,8 +143,12 @@ class SnapshotRegistry:
 
     # ----- the policy ------------------------------------------------------------------------------
 
-    def usable(self, key: str) -> Snapshot | None:
-        """The snapshot to restore for ``key``, if there is a good one (and it is not backed off)."""
+    def usable(self, key: str, on_failure: Callable[[str, BaseException, str], None] | None = None) -> Snapshot | None:
+        """The snapshot to restore for ``key``, if there is a good one (and it is not backed off).
+
+        A snapshot the store no longer has (deleted by hand) or whose manifest is unreadable is a failed restore:
+        the policy is applied, and ``on_failure(snapshot_id, exc, verdict)`` told, so the caller can log it.
+        """
         record = self.get(key)
         if record is None or record.state != "ok" or not record.snapshot_id:
             return None
@@ -152,7 +157,9 @@ class SnapshotRegistry:
         try:
             return self.store.get(record.snapshot_id)
         except SnapshotError as exc:
-            self.restore_failed(key, record.snapshot_id, exc)
+            verdict = self.restore_failed(key, record.snapshot_id, exc)
+            if on_failure is not None:
+                on_failure(record.snapshot_id, exc, verdict)
             return None
 
     def claim_creation(self, key: str, app_name: str, tag: str) -> bool:
@@ -198,6 +205,8 @@ class SnapshotRegistry:
         """Record a failed creation; returns what was decided, for the log. Never leaves the key 'creating'."""
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         if policy.creation_is_transient(exc):
+            if (trouble := policy.os_trouble(exc)) and trouble not in reason:
+                reason = f"{trouble}: {reason}"  # CRIU's "No space left on device" is further down its message
             with self._lock:
                 row = self._db.execute("SELECT backoffs FROM snapshots WHERE key = ?", (key,)).fetchone()
                 backoffs = (row[0] if row else 0) + 1

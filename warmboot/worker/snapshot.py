@@ -132,16 +132,21 @@ class SnapshotStore:
     def get(self, snapshot_id: str) -> Snapshot:
         """The published snapshot ``snapshot_id``; raises :class:`SnapshotNotFoundError` or, for an
         unreadable manifest, :class:`SnapshotCorruptError`."""
-        if not snapshot_id or snapshot_id.startswith(".") or "/" in snapshot_id:
-            raise SnapshotNotFoundError("not a snapshot id", snapshot_id=snapshot_id)
-        path = self.root / snapshot_id
-        if not path.is_dir():
-            raise SnapshotNotFoundError(f"no such snapshot in {self.root}", snapshot_id=snapshot_id)
+        path = self._path(snapshot_id)
         try:
             manifest = json.loads((path / MANIFEST).read_text())
         except (OSError, ValueError) as exc:
             raise SnapshotCorruptError(f"manifest unreadable ({exc})", snapshot_id=snapshot_id) from exc
         return Snapshot(snapshot_id, path, manifest)
+
+    def _path(self, snapshot_id: str) -> Path:
+        """The directory of published snapshot ``snapshot_id``; raises :class:`SnapshotNotFoundError`."""
+        if not snapshot_id or snapshot_id.startswith(".") or "/" in snapshot_id:
+            raise SnapshotNotFoundError("not a snapshot id", snapshot_id=snapshot_id)
+        path = self.root / snapshot_id
+        if not path.is_dir():
+            raise SnapshotNotFoundError(f"no such snapshot in {self.root}", snapshot_id=snapshot_id)
+        return path
 
     def list(self) -> list[Snapshot]:
         """Every published snapshot, oldest first (partial or unreadable ones are skipped)."""
@@ -154,10 +159,10 @@ class SnapshotStore:
         return sorted(found, key=lambda s: s.created_at)
 
     def delete(self, snapshot_id: str) -> None:
-        """Remove a snapshot. Renamed away first, so a concurrent restore never sees half of it."""
-        snap = self.get(snapshot_id)
+        """Remove a snapshot, a corrupt one too. Renamed away first, so a concurrent restore never sees half of it."""
+        path = self._path(snapshot_id)  # not get(): an unreadable manifest must not keep its images on disk
         doomed = self.root / f"{_TMP_PREFIX}rm-{snapshot_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        os.rename(snap.path, doomed)
+        os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def mark_broken(self, snapshot: Snapshot, reason: str) -> None:
