@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-engine test lint bench bench-engine bench-sandbox doctor
+.PHONY: setup demo demo-engine test lint bench bench-engine bench-sandbox soak doctor
 
 setup:
 	@bash scripts/setup.sh
@@ -30,6 +30,9 @@ bench-engine: setup
 
 bench-sandbox: setup
 	@$(PY) bench/sandbox_choice.py
+
+soak: setup
+	@$(PY) bench/soak.py
 
 doctor: setup
 	@$(VENV)/bin/warmboot doctor
