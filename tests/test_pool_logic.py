@@ -43,11 +43,14 @@ class FakeContainer:
         return not self.broken
 
     def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
-        gate = self.fleet.call_gate
-        with self.fleet.lock:
-            self.fleet.running_calls.append(call_id)
-            self.fleet.changed.notify_all()
-        assert gate.wait(WAIT), "the test never released the call"
+        fleet = self.fleet
+        with fleet.lock:
+            fleet.running_calls.append(call_id)
+            fleet.changed.notify_all()
+            released = fleet.changed.wait_for(lambda: fleet.call_gate.is_set() or self.stopped.is_set(), WAIT)
+        assert released, "the test never released the call"
+        if self.stopped.is_set():
+            raise ContainerCrashedError(f"container {self.id} was stopped while running")
         queued = self.fleet.failures.get(args)
         if queued:
             raise queued.pop(0)
@@ -55,7 +58,25 @@ class FakeContainer:
         return Outcome(ok=True, value=args)
 
     def shutdown(self) -> None:
-        self.stopped.set()
+        with self.fleet.lock:
+            self.stopped.set()
+            self.fleet.changed.notify_all()
+
+
+class Gate:
+    """An Event that also wakes the fleet's condition, so fake calls can wait for it or for their own stop."""
+
+    def __init__(self, changed: threading.Condition):
+        self._set = False
+        self._changed = changed
+
+    def set(self) -> None:
+        with self._changed:
+            self._set = True
+            self._changed.notify_all()
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 class Fleet:
@@ -65,7 +86,7 @@ class Fleet:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.boot_gate = threading.Event()
-        self.call_gate = threading.Event()
+        self.call_gate = Gate(self.changed)
         self.starts = 0
         self.booting = 0
         self.max_booting = 0
@@ -263,10 +284,9 @@ def test_stopping_the_pool_ends_queued_and_running_calls(fleet: Fleet) -> None:
     pool.submit(running)
     pool.submit(queued)
     fleet.wait_for("the first call runs", lambda: running.call_id in fleet.running_calls)
-    fleet.failures[b"r"] = [ContainerCrashedError("container stopped")]  # what shutting it down does to its call
-    pool.stop()
-    fleet.call_gate.set()
-    wait_done(running, queued)
+    pool.stop()  # shutting the container down ends its running call; stop() returns once its thread is gone
+    assert running.done.is_set() and queued.done.is_set()
+    assert pool.counts() == {"booting": 0, "running": 0, "idle": 0, "waiting": 0}
     assert queued.outcome is not None and "was stopped before this input ran" in queued.outcome.message
     assert running.outcome is not None and not running.outcome.ok
     late = new_call()
@@ -290,6 +310,22 @@ def test_an_input_is_never_sent_to_a_container_that_broke_while_idle(fleet: Flee
     assert fleet.starts == 2 and fleet.containers[0].stopped.is_set()
     assert any("stopped while idle" in e for e in events)
     pool.stop()
+
+
+def test_stop_waits_for_a_container_still_starting_and_stops_it(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet)
+    call = new_call()
+    pool.submit(call)
+    fleet.wait_for("one booting", lambda: fleet.booting == 1)
+    stopper = threading.Thread(target=pool.stop)
+    stopper.start()
+    wait_done(call)  # the queued input is failed at once ...
+    assert stopper.is_alive(), "... but stop() waits for the container that is still starting"
+    fleet.boot_gate.set()
+    stopper.join(WAIT)
+    assert not stopper.is_alive()
+    [container] = fleet.containers
+    assert container.stopped.is_set(), "a container whose start ended after stop() is shut down, not left running"
 
 
 def test_an_unexpected_worker_error_still_ends_the_call(fleet: Fleet) -> None:

@@ -39,6 +39,7 @@ from warmboot.server.logs import LogBook
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.state import AppRecord, State
 from warmboot.worker import cgroups, gpus, runtime_lib
+from warmboot.worker import container as containers
 from warmboot.worker.sandbox import rootfs
 from warmboot.worker.snapshot import SnapshotStore
 
@@ -77,6 +78,9 @@ class ControlPlane:
                 killed = cgroups.kill_leftover(entry.name)
                 if killed:
                     log.warning("stopped container %s left by a previous server (%d processes)", entry.name, killed)
+            strays = containers.kill_rooted_in(containers_dir)  # a restored copy that never joined its cgroup
+            if strays:
+                log.warning("stopped %d process(es) left by a previous server outside any cgroup", len(strays))
         rootfs.remove_stale(containers_dir, alive=set())
         for app_id in self.state.stop_ephemeral():
             log.info("ephemeral app %s ended with the server that ran it", app_id)
@@ -280,7 +284,7 @@ class ControlPlane:
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=30)
+            t.join(timeout=90)  # each pool waits up to 60 s for containers still starting
         with contextlib.suppress(OSError):
             config.server_socket().unlink()
         with contextlib.suppress(OSError):

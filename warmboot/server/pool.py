@@ -84,6 +84,7 @@ class FunctionPool:
         self._cond = threading.Condition()
         self._containers: dict[str, ContainerHandle] = {}
         self._booting = 0
+        self._threads = 0  #: container threads alive: starting, serving or stopping a container
         self._idle = 0
         self._stopping = False
 
@@ -116,8 +117,13 @@ class FunctionPool:
                 for c in self._containers.values()
             ]
 
-    def stop(self) -> None:
-        """Stop taking inputs, fail those still queued, and shut every container down (running @exit)."""
+    def stop(self, timeout: float = 60.0) -> None:
+        """Stop taking inputs, fail those still queued, and shut every container down (running @exit).
+
+        Waits (up to ``timeout``) for containers still starting, too: each stops as soon as its start ends, and
+        the server must not exit while one is half set up (a mounted root, a cgroup, a restored copy not yet
+        in its cgroup).
+        """
         with self._cond:
             self._stopping = True
             leftover = list(self._queue)
@@ -129,6 +135,10 @@ class FunctionPool:
             call.fail(WarmbootError(f"{self.settings.label} was stopped before this input ran"))
         for c in containers:
             c.shutdown()
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._threads == 0, timeout):
+                log.warning("%s: %d container(s) still starting or stopping after %.0f s", self.settings.label,
+                            self._threads, timeout)  # fmt: skip
 
     # ----- scaling -------------------------------------------------------------------------------------
 
@@ -141,7 +151,16 @@ class FunctionPool:
 
     def _spawn_locked(self) -> None:
         self._booting += 1
-        threading.Thread(target=self._run_container, name=f"pool-{self.settings.label}", daemon=True).start()
+        self._threads += 1
+        threading.Thread(target=self._container_thread, name=f"pool-{self.settings.label}", daemon=True).start()
+
+    def _container_thread(self) -> None:
+        try:
+            self._run_container()
+        finally:
+            with self._cond:
+                self._threads -= 1
+                self._cond.notify_all()
 
     def _run_container(self) -> None:
         try:

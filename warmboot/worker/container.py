@@ -365,3 +365,31 @@ def _wait_for_init(launcher: subprocess.Popen[bytes], timeout: float) -> int:
 def new_pipes() -> _PipeSet:
     """Fresh channels for a restored container (used by the snapshot engine)."""
     return _PipeSet.create()
+
+
+def kill_rooted_in(containers_dir: Path) -> list[int]:
+    """SIGKILL every process whose root filesystem is a container root under ``containers_dir``.
+
+    The last resort after a server died: a container that was being restored when it died may not have joined
+    its cgroup yet, but its root is still the overlay mounted for its run directory, in a mount namespace of its
+    own, and its mountinfo names that directory. Returns the pids killed.
+    """
+    ours = os.readlink("/proc/self/ns/mnt")
+    marker = str(containers_dir) + "/"
+    killed = []
+    for proc_entry in os.scandir("/proc"):
+        if not proc_entry.name.isdigit():
+            continue
+        pid = int(proc_entry.name)
+        try:
+            if os.readlink(f"/proc/{pid}/ns/mnt") == ours:
+                continue
+            with open(f"/proc/{pid}/mountinfo") as f:
+                root = next((line for line in f if line.split()[4] == "/"), "")
+        except (OSError, IndexError):
+            continue
+        if marker in root:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
