@@ -92,8 +92,15 @@ class Launcher:
         started = time.monotonic()
         try:
             fc.boot(snapshot_phase=snap is not None)
-            if snap is not None and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag):
-                self._make_snapshot(fc, snap)
+            if (
+                snap is not None
+                and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag)
+                and not self._make_snapshot(fc, snap)
+            ):
+                # The dump failed in a way that leaves this container's state unknown (CRIU hung and was killed):
+                # boot another one. The key is 'failed' now, so that one does not try to snapshot again.
+                fc.kill()
+                return self._launch(plan)
             fc.start(self._start_env())
         except BaseException:
             fc.kill()
@@ -134,12 +141,18 @@ class Launcher:
             f"instead: {str(exc).splitlines()[0]}"
         )
 
-    def _make_snapshot(self, fc: FunctionContainer, snap: SnapshotPlan) -> None:
+    def _make_snapshot(self, fc: FunctionContainer, snap: SnapshotPlan) -> bool:
         """Checkpoint a cold-booted container at its snapshot point, unless it holds network connections.
 
-        Never raises for the snapshot's sake: whatever goes wrong here, the cold-booted container serves.
+        Never raises for the snapshot's sake, and never leaves the key 'creating'. Returns whether ``fc`` can
+        serve: ``False`` only when the dump failed in a way that leaves its state unknown.
         """
-        connections = fc.open_connections()
+        try:
+            connections = fc.open_connections()
+        except OSError as exc:
+            snap.registry.creation_failed(snap.key, exc)
+            self._event(f"No memory snapshot for {self.label}: its connections could not be read ({exc})")
+            return True
         if connections:
             reason = "open network connection(s) at the snapshot point: " + ", ".join(connections)
             snap.registry.not_created(snap.key, "refused", reason)
@@ -148,7 +161,7 @@ class Launcher:
                 "connection into its copies; open it in an @enter(snap=False) method instead. "
                 "Serving from the cold-booted container."
             )
-            return
+            return True
         self._event(f"Creating memory snapshot for {self.label}")
         started = time.monotonic()
         try:
@@ -158,10 +171,16 @@ class Launcher:
             self._event(
                 f"Memory snapshot of {self.label} failed ({verdict}); serving from the cold-booted container: {exc}"
             )
-            return
+            return True
+        except Exception as exc:  # a hung CRIU killed at its deadline, or a bug: not the call's failure
+            log.exception("snapshot of %s failed", self.label)
+            verdict = snap.registry.creation_failed(snap.key, exc)
+            self._event(f"Memory snapshot of {self.label} failed ({verdict}); booting another container: {exc}")
+            return False
         except BaseException as exc:
             snap.registry.creation_failed(snap.key, exc)  # never leave the key 'creating'
             raise
         seconds = time.monotonic() - started
         snap.registry.created(snap.key, snapshot, seconds)
         self._event(f"Snapshot created in {seconds:.2f} s ({snapshot.size_bytes / 1e6:.0f} MB) for {self.label}")
+        return True

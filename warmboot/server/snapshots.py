@@ -189,7 +189,7 @@ class SnapshotRegistry:
     def created(self, key: str, snap: Snapshot, seconds: float) -> None:
         self._exec(
             "UPDATE snapshots SET state = 'ok', snapshot_id = ?, size_bytes = ?, created_at = ?, create_seconds = ?, "
-            "reason = NULL, transient_failures = 0, retry_at = NULL WHERE key = ?",
+            "reason = NULL, transient_failures = 0, backoffs = 0, retry_at = NULL WHERE key = ?",
             snap.id,
             snap.size_bytes,
             snap.created_at,
