@@ -98,7 +98,7 @@ def _forget_cached_gpu_counts() -> None:
             clear()
 
 
-def _outcome(service: _Service, method: str | None, payload: bytes) -> dict[str, Any]:
+def _outcome(service: _Service, call_id: str, method: str | None, payload: bytes) -> wire.Result:
     import cloudpickle
 
     try:
@@ -109,21 +109,17 @@ def _outcome(service: _Service, method: str | None, payload: bytes) -> dict[str,
             pickled = cloudpickle.dumps(exc)
         except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text
             pickled = None
-        return {
-            "ok": False,
-            "exception": pickled,
-            "message": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-        }
+        return wire.Result(
+            call_id,
+            ok=False,
+            exception=pickled,
+            message=f"{type(exc).__name__}: {exc}",
+            traceback=traceback.format_exc(),
+        )
     try:
-        return {"ok": True, "value": cloudpickle.dumps(value)}
+        return wire.Result(call_id, ok=True, value=cloudpickle.dumps(value))
     except Exception as exc:  # noqa: BLE001
-        return {
-            "ok": False,
-            "exception": None,
-            "message": f"the result ({type(value).__name__}) cannot be pickled: {exc}",
-            "traceback": "",
-        }
+        return wire.Result(call_id, ok=False, message=f"the result ({type(value).__name__}) cannot be pickled: {exc}")
 
 
 def main() -> int:
@@ -133,40 +129,42 @@ def main() -> int:
         service = _Service(_load_target(os.environ["WARMBOOT_APP_FILE"], os.environ["WARMBOOT_TAG"]))
         service.run_hooks("enter_snap")
     except BaseException:  # noqa: BLE001 - report any failure of user code, then stop
-        wire.send(control_out, {"type": wire.INIT_ERROR, "phase": "import", "traceback": traceback.format_exc()})
+        wire.send_message(control_out, wire.InitError("import", traceback.format_exc()))
         return 1
 
     sys.stdout.flush()
     sys.stderr.flush()
-    wire.send(control_out, {"type": wire.SNAPSHOT_POINT})
+    wire.send_message(control_out, wire.SnapshotPoint())
     try:
-        start = wire.recv(control_in)  # a restored copy resumes here, on its own fresh pipe
+        start = wire.recv_message(control_in)  # a restored copy resumes here, on its own fresh pipe
     except wire.ChannelClosed:
         return 0
-    os.environ.update(start.get("env", {}))
-    os.environ["WARMBOOT_CONTAINER_ID"] = start["container_id"]
-    if start.get("reseed"):
+    if not isinstance(start, wire.Start):
+        return 1  # the worker only ever sends START here, or closes the pipe
+    os.environ.update(start.env)
+    os.environ["WARMBOOT_CONTAINER_ID"] = start.container_id
+    if start.reseed:
         _reseed()
-    if start.get("gpus_added"):
+    if start.gpus_added:
         _forget_cached_gpu_counts()
     try:
         service.run_hooks("enter")
     except BaseException:  # noqa: BLE001
-        wire.send(control_out, {"type": wire.INIT_ERROR, "phase": "enter", "traceback": traceback.format_exc()})
+        wire.send_message(control_out, wire.InitError("enter", traceback.format_exc()))
         return 1
-    wire.send(control_out, {"type": wire.READY})
+    wire.send_message(control_out, wire.Ready())
 
     while True:
         try:
-            message = wire.recv(control_in)
+            message = wire.recv_message(control_in)
         except wire.ChannelClosed:
             break
-        if message["type"] == wire.SHUTDOWN:
-            break
-        outcome = _outcome(service, message.get("method"), message["args"])
+        if not isinstance(message, wire.CallInput):
+            break  # SHUTDOWN
+        result = _outcome(service, message.call_id, message.method, message.args)
         sys.stdout.flush()
         sys.stderr.flush()
-        wire.send(control_out, {"type": wire.RESULT, "call_id": message["call_id"], **outcome})
+        wire.send_message(control_out, result)
     try:
         service.run_hooks("exit")
     except BaseException:  # noqa: BLE001 - an exit hook failing must not hide the shutdown

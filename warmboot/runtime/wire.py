@@ -8,11 +8,13 @@ opaque cloudpickle bytes that only the container or the calling process unpickle
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import select
 import struct
 import time
-from typing import Any, BinaryIO
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, ClassVar
 
 _HEADER = struct.Struct(">II")
 #: The largest JSON part accepted (binary payloads have their own bound): a frame claiming more is malformed.
@@ -29,6 +31,76 @@ INIT_ERROR = "init_error"  # import or an @enter hook failed; the runtime exits 
 START = "start"  # continue after the snapshot point, with this container's identity and environment
 CALL = "call"
 SHUTDOWN = "shutdown"
+
+
+# ----- the messages, typed -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SnapshotPoint:
+    """Imported, ``@enter(snap=True)`` done, no input taken: the worker may checkpoint now."""
+
+    TYPE: ClassVar[str] = SNAPSHOT_POINT
+
+
+@dataclass(frozen=True)
+class Ready:
+    """``@enter(snap=False)`` done: the container takes inputs."""
+
+    TYPE: ClassVar[str] = READY
+
+
+@dataclass(frozen=True)
+class Result:
+    """The outcome of the call ``call_id`` (fields as in ``warmboot.protocol.Outcome``)."""
+
+    TYPE: ClassVar[str] = RESULT
+    call_id: str
+    ok: bool
+    value: bytes | None = None
+    exception: bytes | None = None
+    error_type: str | None = None
+    message: str = ""
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class InitError:
+    """User code failed while the container started; the runtime exits after sending it."""
+
+    TYPE: ClassVar[str] = INIT_ERROR
+    phase: str  #: "import" or "enter"
+    traceback: str
+
+
+@dataclass(frozen=True)
+class Start:
+    """Go on past the snapshot point as this container, with its current environment."""
+
+    TYPE: ClassVar[str] = START
+    container_id: str
+    env: dict[str, str] = field(default_factory=dict)
+    reseed: bool = False  #: a restored copy: reseed the random generators
+    gpus_added: bool = False  #: GPUs appeared at START: forget cached device counts
+
+
+@dataclass(frozen=True)
+class CallInput:
+    TYPE: ClassVar[str] = CALL
+    call_id: str
+    args: bytes  #: cloudpickled (args, kwargs)
+    method: str | None = None
+
+
+@dataclass(frozen=True)
+class Shutdown:
+    TYPE: ClassVar[str] = SHUTDOWN
+
+
+Message = SnapshotPoint | Ready | Result | InitError | Start | CallInput | Shutdown
+MESSAGES: dict[str, type] = {
+    kind.TYPE: kind for kind in (SnapshotPoint, Ready, Result, InitError, Start, CallInput, Shutdown)
+}
 
 
 class ChannelClosed(EOFError):
@@ -103,3 +175,24 @@ def recv(stream: BinaryIO, timeout: float | None = None) -> dict[str, Any]:
         message[key] = payload[offset : offset + length]
         offset += length
     return message
+
+
+def send_message(stream: BinaryIO, message: Message) -> None:
+    send(stream, {"type": message.TYPE, **{f.name: getattr(message, f.name) for f in dataclasses.fields(message)}})
+
+
+def recv_message(stream: BinaryIO, timeout: float | None = None) -> Message:
+    """The next message as its dataclass; :class:`ProtocolError` for an unknown type, or missing or extra fields.
+
+    Field *types* are not checked here (the container trusts the worker); the worker checks what a container
+    sends against these dataclasses (``worker.runner``).
+    """
+    fields_ = recv(stream, timeout)
+    type_ = fields_.pop("type")
+    kind = MESSAGES.get(type_)
+    if kind is None:
+        raise ProtocolError(f"unknown message type {type_[:40]!r}")
+    try:
+        return kind(**fields_)
+    except TypeError as exc:
+        raise ProtocolError(f"malformed {kind.TYPE!r} message: {exc}") from None

@@ -7,6 +7,7 @@ The control plane decides *when* to start, reuse or stop containers; this module
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import select
 import threading
@@ -70,9 +71,6 @@ class LaunchPlan:
     gpus_after_snapshot: bool = False
 
 
-_OUTCOME_FIELDS = ("ok", "value", "exception", "error_type", "message", "traceback")
-
-
 class FunctionContainer:
     """One running container serving one function or class; not thread-safe (one call at a time)."""
 
@@ -133,7 +131,7 @@ class FunctionContainer:
         self._start_pumps()
         if self.plan.network and not snapshot_phase:
             self._network = network.Network(self.container.pid)
-        self._expect(wire.SNAPSHOT_POINT, self.plan.boot_timeout, "booting")
+        self._expect(wire.SnapshotPoint, self.plan.boot_timeout, "booting")
 
     def restore(self, store: SnapshotStore, snapshot: Snapshot) -> None:
         """Restore a copy of ``snapshot`` (taken at the snapshot point) instead of booting; then call :meth:`start`."""
@@ -207,10 +205,8 @@ class FunctionContainer:
             gpu_devices.add_to_container(self.container.pid, self.plan.gpus.nodes())
             env.update(self.plan.gpus.visible_env())
         gpus_added = self.plan.gpus is not None and self.plan.gpus_after_snapshot
-        self._send(
-            {"type": wire.START, "env": env, "container_id": self.id, "reseed": reseed, "gpus_added": gpus_added}
-        )
-        self._expect(wire.READY, self.plan.boot_timeout, "running @enter hooks")
+        self._send(wire.Start(container_id=self.id, env=env, reseed=reseed, gpus_added=gpus_added))
+        self._expect(wire.Ready, self.plan.boot_timeout, "running @enter hooks")
         self.timings["start_ms"] = (time.monotonic() - started) * 1000
 
     @property
@@ -246,7 +242,7 @@ class FunctionContainer:
         :class:`ProtocolViolationError` (it wrote something malformed or out of turn; killed) or
         :class:`ContainerCrashedError`.
         """
-        self._send({"type": wire.CALL, "call_id": call_id, "method": method, "args": args})
+        self._send(wire.CallInput(call_id=call_id, args=args, method=method))
         try:
             reply = self._recv(timeout)
         except TimeoutError:
@@ -254,23 +250,22 @@ class FunctionContainer:
             raise FunctionTimeoutError(
                 f"{self.plan.label} call {call_id} exceeded its timeout of {timeout:g} s; the container was stopped"
             ) from None
-        if reply.get("type") != wire.RESULT or reply.get("call_id") != call_id:
+        if not isinstance(reply, wire.Result) or reply.call_id != call_id:
             self.kill()
             raise ProtocolViolationError(
-                f"container {self.id} of {self.plan.label} answered call {call_id} with a "
-                f"{reply.get('type')!r} message for call {reply.get('call_id')!r}; it was stopped"
+                f"container {self.id} of {self.plan.label} answered call {call_id} with a {reply.TYPE!r} message"
+                + (f" for call {reply.call_id!r}" if isinstance(reply, wire.Result) else "")
+                + "; it was stopped"
             )
-        fields = {key: reply[key] for key in _OUTCOME_FIELDS if key in reply}
-        try:
-            outcome = msgspec.convert(fields, Outcome)
-        except msgspec.ValidationError as exc:
-            self.kill()
-            raise ProtocolViolationError(
-                f"container {self.id} of {self.plan.label} sent a malformed result for call {call_id} ({exc}); "
-                "it was stopped"
-            ) from None
         self.calls_served += 1
-        return outcome
+        return Outcome(
+            ok=reply.ok,
+            value=reply.value,
+            exception=reply.exception,
+            error_type=reply.error_type,
+            message=reply.message,
+            traceback=reply.traceback,
+        )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the runtime to run ``@exit`` hooks and stop; kill it if it does not within ``timeout``."""
@@ -278,7 +273,7 @@ class FunctionContainer:
             self.kill()
             return
         with contextlib.suppress(OSError, ContainerCrashedError):
-            self._send({"type": wire.SHUTDOWN})
+            self._send(wire.Shutdown())
         with contextlib.suppress(TimeoutError):
             self.container.wait(timeout)
         self.kill()
@@ -326,20 +321,25 @@ class FunctionContainer:
             for raw in iter(stream.readline, b""):
                 self.on_output(self.id, stream_name, raw.decode(errors="replace").rstrip("\n"))
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, message: wire.Message) -> None:
         assert self.container is not None
         try:
-            wire.send(self.container.channels.control_in, message)
+            wire.send_message(self.container.channels.control_in, message)
         except (BrokenPipeError, ValueError, OSError) as exc:
             raise ContainerCrashedError(self._death_note("before the input could be sent")) from exc
 
-    def _recv(self, timeout: float) -> dict[str, Any]:
+    def _recv(self, timeout: float) -> wire.Message:
+        """The container's next message, its fields checked against its dataclass (what a container writes is
+        untrusted: a wrong type is as malformed as a broken frame)."""
         assert self.container is not None
         try:
-            return wire.recv(self.container.channels.control_out, timeout)
+            message = wire.recv_message(self.container.channels.control_out, timeout)
+            return msgspec.convert(
+                {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}, type(message)
+            )
         except wire.ChannelClosed:
             raise ContainerCrashedError(self._death_note("while running")) from None
-        except wire.ProtocolError as exc:
+        except (wire.ProtocolError, msgspec.ValidationError) as exc:
             self.kill()  # what it says next cannot be trusted either
             raise ProtocolViolationError(
                 f"container {self.id} of {self.plan.label} wrote a malformed control message ({exc}); it was stopped"
@@ -360,7 +360,7 @@ class FunctionContainer:
             how = f"out of memory: the kernel killed it for exceeding memory={self.plan.limits.memory_mib} MiB"
         return f"container {self.id} of {self.plan.label} died {when} ({how})"
 
-    def _expect(self, kind: str, timeout: float, doing: str) -> None:
+    def _expect(self, kind: type, timeout: float, doing: str) -> None:
         try:
             message = self._recv(timeout)
         except TimeoutError:
@@ -373,10 +373,12 @@ class FunctionContainer:
             # cold instead), while user code failing in a hook arrives as INIT_ERROR below.
             self.kill()
             raise
-        if message["type"] == wire.INIT_ERROR:
+        if isinstance(message, wire.InitError):
             self.kill()
-            phase = "importing the app" if message.get("phase") == "import" else "running @enter hooks"
-            raise ContainerBootError(f"{self.plan.label} failed while {phase}:", message.get("traceback", ""))
-        if message["type"] != kind:
+            phase = "importing the app" if message.phase == "import" else "running @enter hooks"
+            raise ContainerBootError(f"{self.plan.label} failed while {phase}:", message.traceback)
+        if not isinstance(message, kind):
             self.kill()
-            raise ContainerError(f"{self.plan.label}: expected {kind!r} from the container, got {message['type']!r}")
+            raise ContainerError(
+                f"{self.plan.label}: expected {kind.TYPE!r} from the container, got {message.TYPE!r}"  # type: ignore[attr-defined]
+            )
