@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import re
 import signal
 import time
 
@@ -18,6 +19,16 @@ from warmboot.sdk import client
 from warmboot.worker import runtime_lib
 
 console = Console()
+
+
+#: C0 and C1 control characters but tab: what a container writes must not drive the reader's terminal.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(line: str) -> str:
+    """A log line as text for a terminal: control characters (escape sequences, carriage returns, NULs) that a
+    container wrote are shown as ``\\xNN`` instead of acting on the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
 
 
 def timestamp(ts: float | None) -> str:
@@ -95,7 +106,7 @@ def logs(
     with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C ends --follow
         for event in client.stream("logs", app=app, follow=follow):
             if "line" in event:
-                console.print(event["line"], highlight=False, markup=False, soft_wrap=True)
+                console.print(printable(event["line"]), highlight=False, markup=False, soft_wrap=True)
 
 
 # ----- secrets ---------------------------------------------------------------------------------------

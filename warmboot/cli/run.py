@@ -11,6 +11,7 @@ from rich.markup import escape
 
 from warmboot.cli import appfile
 from warmboot.cli.deploy import push
+from warmboot.cli.manage import printable
 from warmboot.errors import WarmbootError
 from warmboot.sdk import client
 from warmboot.sdk.function import Function
@@ -22,7 +23,7 @@ def _stream_logs(app_id: str, stop: threading.Event) -> None:
     try:
         for event in client.stream("logs", app=app_id, from_end=True, follow=True):
             if "line" in event:
-                console.print(event["line"], highlight=False, markup=False, soft_wrap=True)
+                console.print(printable(event["line"]), highlight=False, markup=False, soft_wrap=True)
             if stop.is_set():
                 return
     except WarmbootError:
@@ -49,6 +50,11 @@ def run(
             fn = app.local_entrypoints[entry]
         elif isinstance(app.registered.get(entry), Function):
             fn = app.registered[entry].remote  # type: ignore[union-attr]
+        elif entry in app.registered:
+            raise WarmbootError(
+                f"{file}::{entry}: {entry} is a class, and `warmboot run` calls a function or a local entrypoint; "
+                f"call its methods from an @app.local_entrypoint(), e.g. {entry}().METHOD.remote()"
+            )
         else:
             names = [*app.local_entrypoints, *app.registered]
             raise WarmbootError(f"{file} has no entrypoint or function {entry!r} (it has: {', '.join(names)})")

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from warmboot.cli.manage import console, timestamp
+from warmboot.errors import InvalidOptionError
 from warmboot.sdk import client
 
 snapshots = typer.Typer(help="Memory snapshots of deployed functions.", no_args_is_help=True)
@@ -55,5 +56,11 @@ def snapshot_rm(key: str = typer.Argument(..., help="The snapshot's key (or a un
 
         warmboot snapshot rm 3f2a9c1e
     """
+    if not key.strip():
+        # A prefix of every key: the server would take it for whichever snapshot happens to be the only one.
+        raise InvalidOptionError(
+            "snapshot rm: give a snapshot key or a unique prefix of it, not an empty key; "
+            "`warmboot snapshot list` shows them"
+        )
     record = client.request("snapshot_rm", key=key)
     console.print(f"Deleted snapshot {record['key'][:12]} of {record['app_name']}.{record['tag']}")
