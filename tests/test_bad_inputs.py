@@ -384,13 +384,6 @@ def test_a_second_reply_left_in_the_pipe_never_reaches_the_next_caller(
     assert_still_serving(platform, sdk)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/logs.py LogBook.follow opens the log in text mode with universal newlines, so a carriage "
-    "return in a container's output line splits it: the text after it becomes a line of its own without the "
-    "'[function container-id]' prefix, and a container can forge a '[warmboot] ...' event in `warmboot logs`. "
-    "Open the log with newline='\\n' (or escape '\\r' when writing).",
-)
 def test_a_container_cannot_forge_a_log_line(platform: Platform, app: str, sdk: ModuleType) -> None:
     marker = uuid.uuid4().hex[:8]
     assert remote(fn(app, "forge_log_line"), "forge", marker) == f"real {marker}"
@@ -406,14 +399,6 @@ def test_a_container_cannot_forge_a_log_line(platform: Platform, app: str, sdk: 
         assert_still_serving(platform, sdk)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/container.py Container.kill closes the container's stdout/stderr pipes right after SIGKILL, "
-    "before worker/runner.py's pump threads have read what is still in them (FunctionContainer.kill joins the "
-    "pumps only afterwards): the last output of a container stopped for a protocol violation, a timeout or a "
-    "crash is missing from `warmboot logs`. The pumps should read to EOF (all writers are dead after the kill) "
-    "before the pipes are closed.",
-)
 def test_output_written_before_a_violation_reaches_the_log(platform: Platform, app: str, sdk: ModuleType) -> None:
     marker = uuid.uuid4().hex[:8]
     with pytest.raises(ContainerCrashedError, match="malformed control message"):
@@ -656,12 +641,6 @@ def test_a_bad_sdk_input_is_refused_clearly(
     assert_still_serving(platform, sdk)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/daemon.py ControlPlane.accept_call: Function.from_name(app, 'Model') on a class sends "
-    'method=None and is refused as "has no @method() named None"; it should say that Model is a class '
-    "and how to call it: Cls.from_name(app, 'Model')().<method>.remote()",
-)
 def test_a_class_called_as_a_function_says_it_is_a_class(platform: Platform, app: str, sdk: ModuleType) -> None:
     try:
         with pytest.raises(WarmbootError) as caught:
@@ -791,13 +770,6 @@ def test_a_malformed_frame_is_answered_clearly(platform: Platform, sdk: ModuleTy
     assert_still_serving(platform, sdk)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server/snapshots.py SnapshotRegistry.remove (or daemon.op_snapshot_rm): an empty key is a prefix "
-    "of every key, so `snapshot_rm` with key '' deletes the only snapshot when there is exactly one, and "
-    "otherwise answers 'snapshot : no snapshot with that key or id' / 'N snapshots match'. It should refuse "
-    "an empty key, naming it (the CLI now refuses it before asking the server).",
-)
 def test_snapshot_rm_with_an_empty_key_is_refused(platform: Platform, sdk: ModuleType) -> None:
     try:
         with pytest.raises(InvalidOptionError, match="empty"):

@@ -152,6 +152,11 @@ class ControlPlane:
         app = self.running_app(app_id=target.app_id, app_name=target.app_name)
         fspec = app.function_spec(target.tag)
         if fspec["kind"] == "cls":
+            if target.method is None:
+                raise InvalidOptionError(
+                    f"{app.record.name}.{target.tag} is a class, not a function: call one of its methods, "
+                    f"Cls.from_name({app.record.name!r}, {target.tag!r})().METHOD.remote(...)"
+                )
             if target.method not in fspec["lifecycle"]["methods"]:
                 methods = ", ".join(fspec["lifecycle"]["methods"]) or "none"
                 raise NotFoundError(
@@ -255,6 +260,11 @@ class ControlPlane:
         return [vars(r) for r in self.snapshots.list()]
 
     def op_snapshot_rm(self, request: protocol.SnapshotRm) -> dict[str, Any]:
+        if not request.key.strip():
+            raise InvalidOptionError(
+                "snapshot rm: the key is empty; give a snapshot key (or a unique prefix of one): "
+                "`warmboot snapshot list` shows them"
+            )
         return vars(self.snapshots.remove(request.key))
 
     def op_server_stop(self, request: protocol.ServerStop) -> None:

@@ -29,6 +29,9 @@ class LogBook:
         return self.directory / f"{app_name}.log"
 
     def write(self, app_name: str, source: str, line: str) -> None:
+        # One record per line, whatever the container printed: a bare carriage return would let its output
+        # start a line of its own without the "[function container]" prefix (a forged "[warmboot]" line).
+        line = line.replace("\r", "\\r")
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime())
         path = self.path(app_name)
         with self._lock:
@@ -46,9 +49,9 @@ class LogBook:
         path = self.path(app_name)
         path.touch()
         if not from_end:
-            with contextlib.suppress(FileNotFoundError), open(path.with_name(path.name + ".1")) as old:
+            with contextlib.suppress(FileNotFoundError), open(path.with_name(path.name + ".1"), newline="\n") as old:
                 yield from (line.rstrip("\n") for line in old)
-        f = open(path)  # noqa: SIM115 - reopened below when the log is rotated
+        f = open(path, newline="\n")  # noqa: SIM115 - reopened below when the log is rotated
         try:
             if from_end:
                 f.seek(0, 2)
@@ -65,10 +68,11 @@ class LogBook:
                     return
                 if _rotated(path, f.fileno()):
                     # What the old file got between our last read and the rotation, then the new file.
-                    yield from (pending + f.read()).splitlines()
+                    rest = pending + f.read()
+                    yield from rest.removesuffix("\n").split("\n") if rest else ()
                     pending = ""
                     f.close()
-                    f = open(path)  # noqa: SIM115
+                    f = open(path, newline="\n")  # noqa: SIM115
                     continue
                 time.sleep(0.1)
         finally:

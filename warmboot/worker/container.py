@@ -33,7 +33,7 @@ import shlex
 import signal
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -220,12 +220,18 @@ class Container:
             return True
         return False
 
-    def kill(self, timeout: float = 10) -> int:
-        """Kill every process of the container (SIGKILL to the init of its PID namespace) and reap it."""
+    def kill(self, timeout: float = 10, *, drain: Callable[[], None] | None = None) -> int:
+        """Kill every process of the container (SIGKILL to the init of its PID namespace) and reap it.
+
+        ``drain`` runs once the processes are gone and before the pipes are closed: the owner reads what is
+        still buffered in stdout/stderr (the last lines before a crash are the ones that explain it).
+        """
         if self._returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGKILL)
         code = self.wait(timeout)
+        if drain is not None:
+            drain()
         self.channels.close()
         if self.run_dir is not None:
             rootfs.remove(self.run_dir)

@@ -290,12 +290,11 @@ class FunctionContainer:
         try:
             if self.container is not None:
                 with contextlib.suppress(OSError, TimeoutError):
-                    self.container.kill()
+                    self.container.kill(drain=self._drain_output)
             if self._network is not None:
                 self._network.close()
                 self._network = None
-            for pump in self._pumps:
-                pump.join(timeout=2)
+            self._drain_output()
             if self._groups is not None:
                 self._groups.remove()
                 self._groups = None
@@ -303,6 +302,11 @@ class FunctionContainer:
             finished, self._finished = self._finished, []
             for callback in finished:
                 callback()
+
+    def _drain_output(self) -> None:
+        """Let the pumps read the container's output to its end (its processes are gone: EOF comes soon)."""
+        for pump in self._pumps:
+            pump.join(timeout=2)
 
     # ----- plumbing ----------------------------------------------------------------------------------
 
