@@ -17,6 +17,7 @@ import traceback
 from typing import Any
 
 from warmboot.runtime import wire
+from warmboot.runtime.executor import Executor
 
 CONTROL_IN_FD = 3
 CONTROL_OUT_FD = 4
@@ -59,9 +60,9 @@ class _Service:
         else:
             self.function = target.raw_f
 
-    def run_hooks(self, kind: str) -> None:
+    def run_hooks(self, kind: str, executor: Executor) -> None:
         for name in self.hooks[kind]:
-            getattr(self.instance, name)()
+            executor.run_hook(getattr(self.instance, name))
 
     def resolve(self, method: str | None) -> Any:
         if self.instance is None:
@@ -98,36 +99,13 @@ def _forget_cached_gpu_counts() -> None:
             clear()
 
 
-def _outcome(service: _Service, call_id: str, method: str | None, payload: bytes) -> wire.Result:
-    import cloudpickle
-
-    try:
-        args, kwargs = cloudpickle.loads(payload)
-        value = service.resolve(method)(*args, **kwargs)
-    except BaseException as exc:  # noqa: BLE001 - every user exception goes back to the caller
-        try:
-            pickled = cloudpickle.dumps(exc)
-        except Exception:  # noqa: BLE001 - unpicklable exceptions travel as text
-            pickled = None
-        return wire.Result(
-            call_id,
-            ok=False,
-            exception=pickled,
-            message=f"{type(exc).__name__}: {exc}",
-            traceback=traceback.format_exc(),
-        )
-    try:
-        return wire.Result(call_id, ok=True, value=cloudpickle.dumps(value))
-    except Exception as exc:  # noqa: BLE001
-        return wire.Result(call_id, ok=False, message=f"the result ({type(value).__name__}) cannot be pickled: {exc}")
-
-
 def main() -> int:
     control_in = os.fdopen(CONTROL_IN_FD, "rb", buffering=0)
     control_out = os.fdopen(CONTROL_OUT_FD, "wb", buffering=0)
     try:
         service = _Service(_load_target(os.environ["WARMBOOT_APP_FILE"], os.environ["WARMBOOT_TAG"]))
-        service.run_hooks("enter_snap")
+        executor = Executor(service.resolve, control_out, int(os.environ.get("WARMBOOT_MAX_CONCURRENT_INPUTS", "1")))
+        service.run_hooks("enter_snap", executor)
     except BaseException:  # noqa: BLE001 - report any failure of user code, then stop
         wire.send_message(control_out, wire.InitError("import", traceback.format_exc()))
         return 1
@@ -148,7 +126,7 @@ def main() -> int:
     if start.gpus_added:
         _forget_cached_gpu_counts()
     try:
-        service.run_hooks("enter")
+        service.run_hooks("enter", executor)
     except BaseException:  # noqa: BLE001
         wire.send_message(control_out, wire.InitError("enter", traceback.format_exc()))
         return 1
@@ -161,12 +139,10 @@ def main() -> int:
             break
         if not isinstance(message, wire.CallInput):
             break  # SHUTDOWN
-        result = _outcome(service, message.call_id, message.method, message.args)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        wire.send_message(control_out, result)
+        executor.submit(message)
+    executor.drain()
     try:
-        service.run_hooks("exit")
+        service.run_hooks("exit", executor)
     except BaseException:  # noqa: BLE001 - an exit hook failing must not hide the shutdown
         traceback.print_exc()
     return 0

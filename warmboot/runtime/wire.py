@@ -26,6 +26,7 @@ MAX_PAYLOAD = 1 << 30
 SNAPSHOT_POINT = "snapshot_point"  # imported, @enter(snap=True) done, no input taken yet: safe to checkpoint
 READY = "ready"  # @enter(snap=False) done, waiting for inputs
 RESULT = "result"  # the outcome of one call
+ITEM = "item"  # one value yielded by a generator call, before its result
 INIT_ERROR = "init_error"  # import or an @enter hook failed; the runtime exits after sending it
 # worker -> runtime
 START = "start"  # continue after the snapshot point, with this container's identity and environment
@@ -65,6 +66,15 @@ class Result:
 
 
 @dataclass(frozen=True)
+class Item:
+    """One value a generator call yielded (``.remote_gen``); its :class:`Result` follows the last one."""
+
+    TYPE: ClassVar[str] = ITEM
+    call_id: str
+    value: bytes  #: cloudpickled
+
+
+@dataclass(frozen=True)
 class InitError:
     """User code failed while the container started; the runtime exits after sending it."""
 
@@ -90,6 +100,7 @@ class CallInput:
     call_id: str
     args: bytes  #: cloudpickled (args, kwargs)
     method: str | None = None
+    generator: bool = False  #: the caller iterates (``.remote_gen``): send each yielded value as an :class:`Item`
 
 
 @dataclass(frozen=True)
@@ -97,9 +108,9 @@ class Shutdown:
     TYPE: ClassVar[str] = SHUTDOWN
 
 
-Message = SnapshotPoint | Ready | Result | InitError | Start | CallInput | Shutdown
+Message = SnapshotPoint | Ready | Result | Item | InitError | Start | CallInput | Shutdown
 MESSAGES: dict[str, type] = {
-    kind.TYPE: kind for kind in (SnapshotPoint, Ready, Result, InitError, Start, CallInput, Shutdown)
+    kind.TYPE: kind for kind in (SnapshotPoint, Ready, Result, Item, InitError, Start, CallInput, Shutdown)
 }
 
 

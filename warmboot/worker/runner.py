@@ -9,7 +9,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import select
+import os
+import queue
+import signal
 import threading
 import time
 import uuid
@@ -87,6 +89,11 @@ class FunctionContainer:
         self._network: network.Network | None = None
         self._pumps: list[threading.Thread] = []
         self._finished: list[Callable[[], None]] = []
+        self._inboxes: dict[str, queue.SimpleQueue[wire.Message | WarmbootError]] = {}  #: call id -> its replies
+        self._inbox_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._kill_lock = threading.Lock()  # frames of concurrent inputs must not interleave on the pipe
+        self._broken: WarmbootError | None = None  #: why the channel is no longer trusted
 
     def __repr__(self) -> str:
         return f"<FunctionContainer {self.id} {self.plan.label}>"
@@ -207,6 +214,7 @@ class FunctionContainer:
         gpus_added = self.plan.gpus is not None and self.plan.gpus_after_snapshot
         self._send(wire.Start(container_id=self.id, env=env, reseed=reseed, gpus_added=gpus_added))
         self._expect(wire.Ready, self.plan.boot_timeout, "running @enter hooks")
+        self._start_reader()
         self.timings["start_ms"] = (time.monotonic() - started) * 1000
 
     @property
@@ -214,50 +222,70 @@ class FunctionContainer:
         return self.container.pid if self.container is not None else None
 
     def healthy(self) -> bool:
-        """Whether the container can take an input: running, and silent since its last reply.
+        """Whether the container can take an input: running, and silent except for replies to its inputs.
 
-        A container that wrote on its control channel while idle spoke out of turn: it is stopped here, before
-        an input is sent to it, so that its words are never read as the next caller's result.
+        A container that wrote anything else on its control channel spoke out of turn: its reader stopped it, so
+        that its words are never read as another caller's result.
         """
-        if self.container is None or not self.container.is_running():
+        if self._broken is not None:
             return False
-        stream = self.container.channels.control_out
-        try:
-            spoke = bool(select.select([stream], [], [], 0)[0])
-        except (OSError, ValueError):
-            spoke = True
-        if spoke:
-            log.warning(
-                "container %s of %s wrote on its control channel while idle; stopping it", self.id, self.plan.label
-            )
-            self.kill()
-            return False
-        return True
+        return self.container is not None and self.container.is_running()
 
-    def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
-        """Run one call and return its outcome.
+    def call(
+        self,
+        call_id: str,
+        method: str | None,
+        args: bytes,
+        timeout: float,
+        on_item: Callable[[bytes], None] | None = None,
+    ) -> Outcome:
+        """Run one input and return its outcome; with ``on_item``, a generator call whose yielded values (cloudpickle
+        bytes) go to ``on_item`` as they come. Thread-safe: a container with input concurrency runs several at once.
 
         The timeout is the worker's, whatever the container does: silence, half a message or a flood all end
         the call by then. Raises :class:`FunctionTimeoutError` (the container is killed),
         :class:`ProtocolViolationError` (it wrote something malformed or out of turn; killed) or
         :class:`ContainerCrashedError`.
         """
-        self._send(wire.CallInput(call_id=call_id, args=args, method=method))
+        inbox: queue.SimpleQueue[wire.Message | WarmbootError] = queue.SimpleQueue()
+        with self._inbox_lock:
+            if self._broken is not None:
+                raise self._broken
+            self._inboxes[call_id] = inbox
         try:
-            reply = self._recv(timeout)
-        except TimeoutError:
-            self.kill()
-            raise FunctionTimeoutError(
-                f"{self.plan.label} call {call_id} exceeded its timeout of {timeout:g} s; the container was stopped"
-            ) from None
-        if not isinstance(reply, wire.Result) or reply.call_id != call_id:
-            self.kill()
-            raise ProtocolViolationError(
-                f"container {self.id} of {self.plan.label} answered call {call_id} with a {reply.TYPE!r} message"
-                + (f" for call {reply.call_id!r}" if isinstance(reply, wire.Result) else "")
-                + "; it was stopped"
-            )
-        self.calls_served += 1
+            self._send(wire.CallInput(call_id=call_id, args=args, method=method, generator=on_item is not None))
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    reply = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self.kill()
+                    raise FunctionTimeoutError(
+                        f"{self.plan.label} call {call_id} exceeded its timeout of {timeout:g} s; "
+                        "the container was stopped"
+                    ) from None
+                if isinstance(reply, WarmbootError):
+                    self.kill()  # fully, output drained, before the caller hears why it stopped
+                    raise reply
+                answers = isinstance(reply, wire.Result | wire.Item) and reply.call_id == call_id
+                if answers and isinstance(reply, wire.Item) and on_item is not None:
+                    on_item(reply.value)
+                    continue
+                if answers and isinstance(reply, wire.Result):
+                    break
+                other = f" for call {reply.call_id!r}" if isinstance(reply, wire.Result | wire.Item) else ""
+                violation = ProtocolViolationError(
+                    f"container {self.id} of {self.plan.label} answered call {call_id} with a {reply.TYPE!r} "
+                    f"message{other}; it was stopped"
+                )
+                self._break(violation)
+                self.kill()
+                raise violation
+        finally:
+            with self._inbox_lock:
+                self._inboxes.pop(call_id, None)
+        with self._inbox_lock:
+            self.calls_served += 1
         return Outcome(
             ok=reply.ok,
             value=reply.value,
@@ -266,6 +294,49 @@ class FunctionContainer:
             message=reply.message,
             traceback=reply.traceback,
         )
+
+    def _start_reader(self) -> None:
+        """From READY on, one thread reads the container's replies and hands each to the call it answers."""
+        threading.Thread(target=self._read_replies, name=f"{self.id}-replies", daemon=True).start()
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                message = self._recv(None, kill_on_violation=False)
+            except ContainerCrashedError as exc:  # EOF, or a malformed frame (ProtocolViolationError)
+                self._break(exc)
+                return
+            call_id = message.call_id if isinstance(message, wire.Result | wire.Item) else None
+            with self._inbox_lock:
+                inbox = self._inboxes.get(call_id) if call_id is not None else None
+                if inbox is None and len(self._inboxes) == 1:
+                    # One input waits: whatever the container says is its answer, judged (and refused) there.
+                    [inbox] = self._inboxes.values()
+            if inbox is None:
+                self._break(
+                    ProtocolViolationError(
+                        f"container {self.id} of {self.plan.label} sent a {message.TYPE!r} message"
+                        + (f" for call {call_id!r}" if call_id is not None else "")
+                        + " that no input of it waits for; it was stopped"
+                    )
+                )
+                return
+            inbox.put(message)
+
+    def _break(self, exc: WarmbootError) -> None:
+        """The channel cannot be trusted any more: stop the container, fail every input waiting on it."""
+        with self._inbox_lock:
+            first = self._broken is None
+            if first:
+                self._broken = exc
+            inboxes = list(self._inboxes.values())
+        if first and isinstance(exc, ProtocolViolationError):
+            log.warning("%s", exc)
+        if self.container is not None:
+            with contextlib.suppress(OSError):
+                os.kill(self.container.pid, signal.SIGKILL)  # the full kill (cgroups, pipes) is its owner's job
+        for inbox in inboxes:
+            inbox.put(self._broken or exc)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Ask the runtime to run ``@exit`` hooks and stop; kill it if it does not within ``timeout``."""
@@ -287,6 +358,10 @@ class FunctionContainer:
 
         What :meth:`on_finished` was given runs here, once, even if releasing the cgroup fails.
         """
+        with self._kill_lock:  # the inputs of a concurrent container may all end here at once
+            self._kill_locked()
+
+    def _kill_locked(self) -> None:
         try:
             if self.container is not None:
                 with contextlib.suppress(OSError, TimeoutError):
@@ -306,7 +381,9 @@ class FunctionContainer:
     def _drain_output(self) -> None:
         """Let the pumps read the container's output to its end (its processes are gone: EOF comes soon)."""
         for pump in self._pumps:
-            pump.join(timeout=2)
+            # Its writers are dead, so EOF is certain; what is left is bounded by the pipe's size (1 MiB at most
+            # by default), which takes a moment to write out line by line.
+            pump.join(timeout=30)
 
     # ----- plumbing ----------------------------------------------------------------------------------
 
@@ -328,11 +405,12 @@ class FunctionContainer:
     def _send(self, message: wire.Message) -> None:
         assert self.container is not None
         try:
-            wire.send_message(self.container.channels.control_in, message)
+            with self._send_lock:
+                wire.send_message(self.container.channels.control_in, message)
         except (BrokenPipeError, ValueError, OSError) as exc:
             raise ContainerCrashedError(self._death_note("before the input could be sent")) from exc
 
-    def _recv(self, timeout: float) -> wire.Message:
+    def _recv(self, timeout: float | None, *, kill_on_violation: bool = True) -> wire.Message:
         """The container's next message, its fields checked against its dataclass (what a container writes is
         untrusted: a wrong type is as malformed as a broken frame)."""
         assert self.container is not None
@@ -344,7 +422,8 @@ class FunctionContainer:
         except wire.ChannelClosed:
             raise ContainerCrashedError(self._death_note("while running")) from None
         except (wire.ProtocolError, msgspec.ValidationError) as exc:
-            self.kill()  # what it says next cannot be trusted either
+            if kill_on_violation:
+                self.kill()  # what it says next cannot be trusted either
             raise ProtocolViolationError(
                 f"container {self.id} of {self.plan.label} wrote a malformed control message ({exc}); it was stopped"
             ) from None
