@@ -42,7 +42,7 @@ class FakeContainer:
     def healthy(self) -> bool:
         return not self.broken
 
-    def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
+    def call(self, call_id: str, method: str | None, args: bytes, timeout: float, on_item: object = None) -> Outcome:
         fleet = self.fleet
         with fleet.lock:
             fleet.running_calls.append(call_id)

@@ -82,6 +82,14 @@ class Call:
 
 
 @dataclass(frozen=True)
+class CallGen:
+    """Run a generator call, streaming its values (``.remote_gen()``): ``item`` replies, then its outcome."""
+
+    target: Target
+    args: bytes
+
+
+@dataclass(frozen=True)
 class Submit:
     """Accept a call and return its id at once (``.spawn()``, ``.map()``)."""
 
@@ -150,6 +158,7 @@ REQUESTS: dict[str, type] = {
     "ping": Ping,
     "deploy": Deploy,
     "call": Call,
+    "call_gen": CallGen,
     "submit": Submit,
     "get": Get,
     "app_list": AppList,
@@ -172,7 +181,7 @@ STREAMING = frozenset({"deploy", "logs"})
 class Reply:
     """One frame from the server: an event of a streaming operation, its final value, or an error."""
 
-    kind: str  #: "value" | "event" | "error"
+    kind: str  #: "value" | "event" | "item" (a generator's value, cloudpickled, in ``value``) | "error"
     value: Any = None
     event: dict[str, str] = field(default_factory=dict)  #: {"log": line} while deploying, {"line": line} for logs
     error_type: str | None = None

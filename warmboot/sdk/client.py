@@ -206,6 +206,24 @@ def call(target: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return unpack_outcome(protocol.to_outcome(reply))
 
 
+def call_gen(target: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Iterator[Any]:
+    """A generator call (``.remote_gen``): each value the function yields, as it yields it; then its error, if any."""
+    import cloudpickle
+
+    request_ = protocol.CallGen(target=_target(target), args=_pickle_args(args, kwargs))
+    with connect() as sock:
+        sock.sendall(protocol.request_frame("call_gen", request_))
+        while True:
+            reply = _recv_reply(sock, "call_gen")
+            if reply.kind == "error":
+                _raise_from(reply)
+            if reply.kind == "item":
+                yield cloudpickle.loads(reply.value)
+                continue
+            unpack_outcome(protocol.to_outcome(reply.value))  # raises the call's error, if it failed
+            return
+
+
 def submit(target: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return request(protocol.Submit(target=_target(target), args=_pickle_args(args, kwargs)))
 

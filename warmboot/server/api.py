@@ -98,6 +98,8 @@ class ApiServer:
             op, request = protocol.decode_request(await reader.readexactly(length))
             if op in protocol.STREAMING:
                 await self._stream(op, request, reader, writer)
+            elif op == "call_gen":
+                await self._call_gen(request, writer)
             else:
                 await self._send(writer, Reply(kind="value", value=await self._answer(op, request)))
         except (asyncio.IncompleteReadError, ConnectionError):
@@ -136,6 +138,29 @@ class ApiServer:
                 return None
             return call.outcome
         return await self._blocking(getattr(self.plane, f"op_{op}"), request)
+
+    async def _call_gen(self, request: protocol.CallGen, writer: asyncio.StreamWriter) -> None:
+        """A generator call: each yielded value as an ``item`` reply as it comes, then the outcome."""
+        loop = asyncio.get_running_loop()
+        items: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def on_item(value: bytes) -> None:
+            loop.call_soon_threadsafe(items.put_nowait, value)
+
+        call = await self._blocking(self.plane.accept_call, request.target, request.args, False, on_item)
+        finished = asyncio.ensure_future(self._finished(call))
+        while True:
+            next_item = asyncio.ensure_future(items.get())
+            await asyncio.wait({next_item, finished}, return_when=asyncio.FIRST_COMPLETED)
+            if next_item.done():
+                await self._send(writer, Reply(kind="item", value=next_item.result()))
+                continue
+            next_item.cancel()
+            break
+        while not items.empty():  # values that arrived with the outcome, in order
+            await self._send(writer, Reply(kind="item", value=items.get_nowait()))
+        await self._blocking(self.plane.calls.delivered, call)
+        await self._send(writer, Reply(kind="value", value=call.outcome))
 
     async def _finished(self, call: Call) -> None:
         """Wait, without a thread, until ``call`` is done."""

@@ -64,6 +64,8 @@ class Call:
     attempts: int = 0
     submitted_at: float = field(default_factory=time.time)
     outcome: Outcome | None = None
+    generator: bool = False  #: ``.remote_gen``: yielded values go to :attr:`on_item` as they come
+    on_item: Callable[[bytes], None] | None = field(default=None, repr=False)
     done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _on_start: list[Callable[[Call], None]] = field(default_factory=list, repr=False)
@@ -119,10 +121,18 @@ class CallBook:
 
     # ----- accepting -------------------------------------------------------------------------------------
 
-    def accept(self, target: Target, app_id: str, args: bytes, *, detached: bool) -> Call:
-        """Record a new call (one transaction) before anything runs it."""
+    def accept(
+        self,
+        target: Target,
+        app_id: str,
+        args: bytes,
+        *,
+        detached: bool,
+        on_item: Callable[[bytes], None] | None = None,
+    ) -> Call:
+        """Record a new call (one transaction) before anything runs it; ``on_item`` makes it a generator call."""
         self.expire()
-        call = Call(app_id=app_id, tag=target.tag, method=target.method, args=args)
+        call = Call(app_id, target.tag, target.method, args, generator=on_item is not None, on_item=on_item)
         self._write(
             "INSERT INTO calls (call_id, app_id, tag, method, args, state, submitted_at, detached) "
             "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
@@ -206,21 +216,23 @@ class CallBook:
     def recover(self, restarted: WarmbootError) -> tuple[list[Call], list[Call]]:
         """Read back the calls a previous server left unfinished.
 
-        Returns ``(queued, interrupted)``: queued calls, to be submitted again, and calls that were running
-        when the server died, now ended with ``restarted`` (their container died with the server, and their
-        function may have run in part, so they are not silently run again).
+        Returns ``(queued, interrupted)``: queued spawned calls, to be submitted again, and the others, now ended
+        with ``restarted``: calls that were running (their container died with the server, and their function may
+        have run in part, so they are not silently run again) and ``.remote()`` calls whose caller is gone.
         """
         with self._db_lock:
             rows = self._db.execute(
-                "SELECT call_id, app_id, tag, method, args, state, attempts, submitted_at FROM calls "
+                "SELECT call_id, app_id, tag, method, args, state, attempts, submitted_at, detached FROM calls "
                 "WHERE state != 'done' ORDER BY submitted_at"
             ).fetchall()
         queued: list[Call] = []
         interrupted: list[Call] = []
-        for call_id, app_id, tag, method, args, state, attempts, submitted_at in rows:
+        for call_id, app_id, tag, method, args, state, attempts, submitted_at, detached in rows:
             call = Call(app_id, tag, method, args or b"", call_id=call_id, attempts=attempts, submitted_at=submitted_at)
             self._track(call)
-            if state == "running":
+            if state == "running" or not detached:
+                # Running: its container died with the server. Not detached (.remote, .remote_gen): its caller's
+                # connection died too, and nobody else knows its id, so running it would serve no one.
                 call.fail(restarted)
                 interrupted.append(call)
             else:

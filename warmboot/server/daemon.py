@@ -147,8 +147,17 @@ class ControlPlane:
 
     # ----- calls -----------------------------------------------------------------------------------------
 
-    def accept_call(self, target: protocol.Target, args: bytes, detached: bool) -> Call:
-        """Check the target, record the call, and queue it; the call is durable from here on."""
+    def accept_call(
+        self,
+        target: protocol.Target,
+        args: bytes,
+        detached: bool,
+        on_item: Callable[[bytes], None] | None = None,
+    ) -> Call:
+        """Check the target, record the call, and queue it; the call is durable from here on.
+
+        ``on_item``: a generator call (``.remote_gen``), whose values go there as the container yields them.
+        """
         app = self.running_app(app_id=target.app_id, app_name=target.app_name)
         fspec = app.function_spec(target.tag)
         if fspec["kind"] == "cls":
@@ -166,7 +175,7 @@ class ControlPlane:
             raise InvalidOptionError(f"{app.record.name}.{target.tag} is a function, not a class")
         if fspec["options"].get("gpu"):
             gpus.check_request(fspec["options"]["gpu"], f"{app.record.name}.{target.tag}")
-        call = self.calls.accept(target, app.record.app_id, args, detached=detached)
+        call = self.calls.accept(target, app.record.app_id, args, detached=detached, on_item=on_item)
         app.pool(target.tag).submit(call)
         return call
 

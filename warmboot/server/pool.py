@@ -43,8 +43,16 @@ class ContainerHandle(Protocol):
         """Whether it can take an input now (alive, and has not spoken out of turn since its last reply)."""
         ...
 
-    def call(self, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
-        """Run one input; raises FunctionTimeoutError or ContainerCrashedError (the container is then dead)."""
+    def call(
+        self,
+        call_id: str,
+        method: str | None,
+        args: bytes,
+        timeout: float,
+        on_item: Callable[[bytes], None] | None = None,
+    ) -> Outcome:
+        """Run one input (a generator's values go to ``on_item``); raises FunctionTimeoutError or
+        ContainerCrashedError (the container is then dead)."""
         ...
 
     def shutdown(self) -> None: ...
@@ -247,7 +255,7 @@ class FunctionPool:
             call.started()
             began = time.monotonic()
             try:
-                outcome = fc.call(call.call_id, call.method, call.args, self.settings.timeout)
+                outcome = fc.call(call.call_id, call.method, call.args, self.settings.timeout, call.on_item)
             except FunctionTimeoutError as exc:
                 self._event(str(exc))
                 call.fail(exc)
