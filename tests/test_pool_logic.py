@@ -38,6 +38,8 @@ class FakeContainer:
         self.fleet = fleet
         self.stopped = threading.Event()
         self.broken = False  #: died or spoke out of turn while idle
+        self.active = 0  #: inputs running in it now
+        self.max_active = 0
 
     def healthy(self) -> bool:
         return not self.broken
@@ -46,8 +48,11 @@ class FakeContainer:
         fleet = self.fleet
         with fleet.lock:
             fleet.running_calls.append(call_id)
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
             fleet.changed.notify_all()
             released = fleet.changed.wait_for(lambda: fleet.call_gate.is_set() or self.stopped.is_set(), WAIT)
+            self.active -= 1
         assert released, "the test never released the call"
         if self.stopped.is_set():
             raise ContainerCrashedError(f"container {self.id} was stopped while running")
@@ -221,6 +226,43 @@ def test_max_inputs_retires_a_container_and_queued_calls_get_a_fresh_one(fleet: 
     wait_done(*calls)
     assert fleet.starts == 3, "each container served one input"
     assert all(c.stopped.wait(WAIT) for c in fleet.containers)
+    pool.stop()
+
+
+def test_input_concurrency_starts_one_container_per_n_waiting_inputs(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet, concurrency=4)
+    calls = [new_call(bytes([i])) for i in range(10)]
+    for call in calls:
+        pool.submit(call)
+    fleet.wait_for("three containers booting", lambda: fleet.booting == 3)
+    assert fleet.starts == 3, "10 waiting inputs at 4 per container: 3 containers"
+    fleet.boot_gate.set()
+    fleet.wait_for("all ten inputs running at once", lambda: len(fleet.running_calls) == 10)
+    assert all(c.max_active <= 4 for c in fleet.containers), [c.max_active for c in fleet.containers]
+    assert pool.counts()["idle"] == 2, "12 slots, 10 busy"
+    more = [new_call(b"a"), new_call(b"b")]
+    for call in more:
+        pool.submit(call)  # two idle slots take them: no new container
+    fleet.wait_for("twelve inputs running", lambda: len(fleet.running_calls) == 12)
+    assert fleet.starts == 3
+    fleet.call_gate.set()
+    wait_done(*calls, *more)
+    assert all(c.outcome is not None and c.outcome.ok for c in [*calls, *more])
+    pool.stop()
+    assert all(c.stopped.is_set() for c in fleet.containers)
+
+
+def test_a_concurrent_container_idles_out_as_a_whole(fleet: Fleet) -> None:
+    pool, _ = make_pool(fleet, concurrency=3, scaledown_window=1.0)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    call = new_call()
+    pool.submit(call)
+    wait_done(call)
+    [container] = fleet.containers
+    assert container.stopped.wait(WAIT), "its slots idled out and the container stopped"
+    fleet.wait_for("no container left", lambda: pool.counts()["running"] == 0)
+    assert pool.counts() == {"booting": 0, "running": 0, "idle": 0, "waiting": 0}
     pool.stop()
 
 

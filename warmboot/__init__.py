@@ -5,6 +5,7 @@ Written for Modal? ``import warmboot as modal`` and the rest of your app stays a
 
 from warmboot.errors import WarmbootError
 from warmboot.sdk.app import App
+from warmboot.sdk.concurrency import concurrent
 from warmboot.sdk.function import Cls, Function, FunctionCall
 from warmboot.sdk.image import Image
 from warmboot.sdk.partial import enter, exit, method
@@ -21,6 +22,7 @@ __all__ = [
     "Secret",
     "Volume",
     "WarmbootError",
+    "concurrent",
     "enter",
     "exit",
     "method",

@@ -8,6 +8,7 @@ from typing import Any
 from warmboot import validation
 from warmboot.errors import InvalidOptionError
 from warmboot.sdk import options as option_rules
+from warmboot.sdk.concurrency import concurrency_of
 from warmboot.sdk.function import Cls, Function
 from warmboot.sdk.image import Image
 from warmboot.sdk.partial import lifecycle
@@ -111,5 +112,6 @@ class App:
                 },
                 "secrets": [s.to_spec() for s in secrets],
                 "lifecycle": lifecycle(obj.user_cls) if isinstance(obj, Cls) else None,
+                "concurrency": concurrency_of(obj.user_cls if isinstance(obj, Cls) else obj.raw_f),
             }
         return {"name": self.name, "functions": functions, "reseed_after_restore": self.reseed_after_restore}

@@ -76,9 +76,12 @@ class RunningApp:
             gpu_layers = (gpus.driver_layer(home / "images" / "drivers", version),)
             gpu_env = dict(gpus.DRIVER_ENV)
 
+        concurrency = int((fspec.get("concurrency") or {}).get("max_inputs") or 1)
+        runtime_env = {"WARMBOOT_MAX_CONCURRENT_INPUTS": str(concurrency)}
+
         def env() -> dict[str, str]:
             # Secrets are read at each start: a changed secret reaches new containers without a redeploy.
-            return {**resolved.image.env, **gpu_env, **self._secret_env(fspec), **opts["env"]}
+            return {**resolved.image.env, **gpu_env, **self._secret_env(fspec), **opts["env"], **runtime_env}
 
         plan = LaunchPlan(
             python=resolved.image.python,
@@ -137,6 +140,7 @@ class RunningApp:
             max_containers=int(opts["max_containers"]),
             scaledown_window=float(opts["scaledown_window"]),
             max_inputs=opts.get("max_inputs"),
+            concurrency=concurrency,
         )
         return FunctionPool(settings, launcher, self.event, stopped=stopped)
 

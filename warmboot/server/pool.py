@@ -71,6 +71,16 @@ class PoolSettings:
     max_containers: int
     scaledown_window: float
     max_inputs: int | None = None  #: a container stops after serving this many inputs (None: no limit)
+    concurrency: int = 1  #: inputs one container runs at once (``@modal.concurrent(max_inputs=)``)
+
+
+@dataclass
+class _Running:
+    """A started container and its slots: one serving loop (thread) per input it may run at once."""
+
+    handle: ContainerHandle
+    slots: int
+    retiring: bool = False  #: it takes no more inputs: its slots end as they finish
 
 
 class FunctionPool:
@@ -90,10 +100,10 @@ class FunctionPool:
         self._event = on_event
         self._queue: collections.deque[Call] = collections.deque()
         self._cond = threading.Condition()
-        self._containers: dict[str, ContainerHandle] = {}
+        self._containers: dict[str, _Running] = {}
         self._booting = 0
         self._threads = 0  #: container threads alive: starting, serving or stopping a container
-        self._idle = 0
+        self._idle = 0  #: idle slots (a container with input concurrency N has N)
         self._stopping = False
 
     # ----- the caller's side -------------------------------------------------------------------------
@@ -116,13 +126,13 @@ class FunctionPool:
         with self._cond:
             return [
                 {
-                    "id": c.id,
+                    "id": r.handle.id,
                     "function": self.settings.label,
-                    "started_at": c.started_at,
-                    "calls": c.calls_served,
-                    "pid": c.pid,
+                    "started_at": r.handle.started_at,
+                    "calls": r.handle.calls_served,
+                    "pid": r.handle.pid,
                 }
-                for c in self._containers.values()
+                for r in self._containers.values()
             ]
 
     def stop(self, timeout: float = 60.0) -> None:
@@ -136,7 +146,7 @@ class FunctionPool:
             self._stopping = True
             leftover = list(self._queue)
             self._queue.clear()
-            containers = list(self._containers.values())
+            containers = [r.handle for r in self._containers.values()]
             self._cond.notify_all()
         self.stopped.set()
         for call in leftover:
@@ -151,9 +161,15 @@ class FunctionPool:
     # ----- scaling -------------------------------------------------------------------------------------
 
     def _scale_up_locked(self) -> None:
-        waiting = len(self._queue)
+        """Start containers for the inputs that no idle slot and no starting container will take.
+
+        Never more containers starting than the waiting inputs need: with input concurrency N, one container
+        per N waiting inputs.
+        """
+        slots = self.settings.concurrency
+        uncovered = len(self._queue) - self._idle - self._booting * slots
+        needed = -(-uncovered // slots) if uncovered > 0 else 0  # ceil
         capacity = self.settings.max_containers - len(self._containers) - self._booting
-        needed = waiting - self._idle - self._booting
         for _ in range(max(0, min(needed, capacity))):
             self._spawn_locked()
 
@@ -180,19 +196,37 @@ class FunctionPool:
             log.exception("starting a container for %s failed", self.settings.label)
             self._boot_failed(ContainerBootError(f"{self.settings.label}: internal error starting a container: {exc}"))
             return
+        running = _Running(fc, self.settings.concurrency)
         with self._cond:
             self._booting -= 1
-            self._containers[fc.id] = fc
+            self._containers[fc.id] = running
+            self._threads += running.slots - 1
+        for _ in range(running.slots - 1):
+            threading.Thread(target=self._slot_thread, args=(running,), name=f"slot-{fc.id}", daemon=True).start()
+        self._serve_slot(running)
+
+    def _slot_thread(self, running: _Running) -> None:
         try:
-            self._serve(fc)
+            self._serve_slot(running)
         finally:
             with self._cond:
-                self._containers.pop(fc.id, None)
-            fc.shutdown()
-            with self._cond:
-                # Inputs still queued must not be stranded by a container that went away.
-                if not self._stopping:
-                    self._scale_up_locked()
+                self._threads -= 1
+                self._cond.notify_all()
+
+    def _slot_ended(self, running: _Running) -> None:
+        """One serving loop of ``running`` ended; the last one stops the container."""
+        with self._cond:
+            running.slots -= 1
+            running.retiring = True  # a slot ends only when the container should stop taking inputs
+            self._cond.notify_all()  # its other idle slots see it
+            if running.slots > 0:
+                return
+            self._containers.pop(running.handle.id, None)
+        running.handle.shutdown()
+        with self._cond:
+            # Inputs still queued must not be stranded by a container that went away.
+            if not self._stopping:
+                self._scale_up_locked()
 
     def _boot_failed(self, exc: WarmbootError) -> None:
         """A container could not start: the inputs waiting for it would meet the same failure, so fail them."""
@@ -220,29 +254,43 @@ class FunctionPool:
                 "waiting": len(self._queue),
             }
 
-    def _next_call(self, fc_id: str, *, already_idle: bool = False) -> Call | None:
-        """The next input for an idle container, or ``None`` when it should stop (scale-down, pool stop)."""
+    def _next_call(self, running: _Running, *, already_idle: bool = False) -> Call | None:
+        """The next input for an idle slot, or ``None`` when the slot should end (scale-down, retiring, stop)."""
         with self._cond:
             if not already_idle:
                 self._idle += 1
             try:
                 while True:
-                    if self._stopping:
+                    if self._stopping or running.retiring:
                         return None
                     if self._queue:
                         return self._queue.popleft()
                     timed_out = not self._cond.wait(self.settings.scaledown_window)
-                    if timed_out and not self._queue and len(self._containers) > self.settings.min_containers:
+                    if (
+                        timed_out
+                        and not self._queue
+                        and not running.retiring
+                        and len(self._containers) > self.settings.min_containers
+                    ):
                         # Leave the count now, under the lock: two containers idling out together must not
                         # both see room above min_containers.
-                        self._containers.pop(fc_id, None)
+                        self._containers.pop(running.handle.id, None)
+                        running.retiring = True
+                        self._cond.notify_all()
                         return None
             finally:
                 self._idle -= 1
 
-    def _serve(self, fc: ContainerHandle) -> None:
+    def _serve_slot(self, running: _Running) -> None:
+        try:
+            self._serve(running)
+        finally:
+            self._slot_ended(running)
+
+    def _serve(self, running: _Running) -> None:
+        fc = running.handle
         idle = False
-        while (call := self._next_call(fc.id, already_idle=idle)) is not None:
+        while (call := self._next_call(running, already_idle=idle)) is not None:
             idle = False
             if not fc.healthy():
                 # It died or misbehaved while idle: the input was never sent, so it goes back to the front of
@@ -270,16 +318,18 @@ class FunctionPool:
                 return
             if fc.calls_served == 1:
                 self._event(f"First input on container {fc.id} took {(time.monotonic() - began) * 1000:.0f} ms")
+            used_up = self.settings.max_inputs is not None and fc.calls_served >= self.settings.max_inputs
             with self._cond:
-                # Idle again *before* the caller hears back, so that its next call finds this container
-                # instead of starting another one.
-                self._idle += 1
-                idle = True
+                if used_up:
+                    running.retiring = True  # used up: it stops, and inputs still queued get a fresh container
+                else:
+                    # Idle again *before* the caller hears back, so that its next call finds this container
+                    # instead of starting another one.
+                    self._idle += 1
+                    idle = True
             call.finish(outcome)
-            if self.settings.max_inputs is not None and fc.calls_served >= self.settings.max_inputs:
-                with self._cond:
-                    self._idle -= 1
-                return  # used up: it stops, and inputs still queued get a fresh container
+            if used_up:
+                return
 
     def _retry_or_fail(self, call: Call, exc: WarmbootError) -> None:
         with self._cond:

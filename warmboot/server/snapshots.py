@@ -74,6 +74,7 @@ def snapshot_key(app_name: str, tag: str, fspec: dict[str, Any], code_digest: st
         "runtime": runtime_digest,  # warmboot's own code inside the container is part of what the snapshot holds
         "kind": fspec["kind"],
         "lifecycle": fspec.get("lifecycle"),
+        "concurrency": fspec.get("concurrency"),  # the runtime sizes its input threads before the snapshot point
         "image": fspec.get("image_digest") or fspec["image"],
         "env": opts.get("env", {}),
         "secrets": sorted(s.get("name") or ",".join(sorted(s.get("values") or {})) for s in fspec["secrets"]),

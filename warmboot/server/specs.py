@@ -38,6 +38,12 @@ class Lifecycle:
 
 
 @dataclass(frozen=True)
+class Concurrency:
+    max_inputs: int
+    target_inputs: int | None = None
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     kind: Literal["function", "cls"]
     options: dict[str, Any]
@@ -45,6 +51,7 @@ class FunctionSpec:
     volumes: dict[str, VolumeRef] = field(default_factory=dict)
     secrets: list[SecretRef] = field(default_factory=list)
     lifecycle: Lifecycle | None = None
+    concurrency: Concurrency | None = None  #: ``@modal.concurrent``
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,10 @@ def check(app_name: str, spec: dict[str, Any]) -> AppSpec:
                 validation.name("secret", secret.name)
             else:
                 validation.environment(f"{label}: Secret.from_dict()", secret.values)
+        if fspec.concurrency is not None:
+            from warmboot.sdk.concurrency import concurrent
+
+            concurrent(max_inputs=fspec.concurrency.max_inputs, target_inputs=fspec.concurrency.target_inputs)
         if fspec.kind == "cls" and fspec.lifecycle is None:
             raise InvalidOptionError(f"{label}: a class's spec needs its lifecycle (its @method()s)")
     return typed
