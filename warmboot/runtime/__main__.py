@@ -137,9 +137,12 @@ def main() -> int:
             message = wire.recv_message(control_in)
         except wire.ChannelClosed:
             break
-        if not isinstance(message, wire.CallInput):
+        if isinstance(message, wire.CallInput):
+            executor.submit(message)
+        elif isinstance(message, wire.BatchInput):
+            executor.submit_batch(message)
+        else:
             break  # SHUTDOWN
-        executor.submit(message)
     executor.drain()
     try:
         service.run_hooks("exit", executor)

@@ -67,6 +67,43 @@ class Executor:
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
 
+    def submit_batch(self, batch: wire.BatchInput) -> None:
+        """Run a ``@batched`` function once on the gathered calls; one Result per call (inline: batches of one
+        function do not overlap)."""
+        for result in self._run_batch(batch):
+            self.send(result)
+
+    def _run_batch(self, batch: wire.BatchInput) -> list[wire.Result]:
+        import cloudpickle
+
+        from warmboot.sdk.context import CALL_ID
+
+        token = CALL_ID.set(batch.call_ids[0])
+        try:
+            fn = self._resolve(batch.method)
+            signature = inspect.signature(fn)
+            columns: dict[str, list[Any]] = {name: [] for name in signature.parameters}
+            for payload in batch.split():
+                args, kwargs = cloudpickle.loads(payload)
+                for name, value in signature.bind(*args, **kwargs).arguments.items():
+                    columns[name].append(value)
+            result = fn(**columns)
+            if inspect.isawaitable(result):
+                import asyncio
+
+                result = asyncio.run_coroutine_threadsafe(_awaited(result), self.loop()).result()
+            if not isinstance(result, list) or len(result) != len(batch.call_ids):
+                got = f"a list of {len(result)}" if isinstance(result, list) else type(result).__name__
+                raise _CallShapeError(
+                    f"{getattr(fn, '__name__', 'the function')} is @batched: it must return a list with one result "
+                    f"per input ({len(batch.call_ids)} here), it returned {got}"
+                )
+        except BaseException as exc:  # noqa: BLE001 - the batch's failure is every one of its calls' failure
+            return [_failure(call_id, exc) for call_id in batch.call_ids]
+        finally:
+            CALL_ID.reset(token)
+        return [_success(call_id, value) for call_id, value in zip(batch.call_ids, result, strict=True)]
+
     def drain(self) -> None:
         """Wait for the inputs still running (before ``@exit`` hooks run)."""
         for future in list(self._in_flight):

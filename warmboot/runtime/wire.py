@@ -31,6 +31,7 @@ INIT_ERROR = "init_error"  # import or an @enter hook failed; the runtime exits 
 # worker -> runtime
 START = "start"  # continue after the snapshot point, with this container's identity and environment
 CALL = "call"
+BATCH = "batch"  # several calls of a @batched function, run as one
 SHUTDOWN = "shutdown"
 
 
@@ -104,13 +105,31 @@ class CallInput:
 
 
 @dataclass(frozen=True)
+class BatchInput:
+    """Calls of a ``@batched`` function, run as one: one :class:`Result` comes back per call id."""
+
+    TYPE: ClassVar[str] = BATCH
+    call_ids: list[str]
+    sizes: list[int]  #: the length of each call's cloudpickled (args, kwargs) in ``args``, in order
+    args: bytes  #: those pickles, concatenated (a frame carries bytes only as top-level fields)
+    method: str | None = None
+
+    def split(self) -> list[bytes]:
+        parts, offset = [], 0
+        for size in self.sizes:
+            parts.append(self.args[offset : offset + size])
+            offset += size
+        return parts
+
+
+@dataclass(frozen=True)
 class Shutdown:
     TYPE: ClassVar[str] = SHUTDOWN
 
 
-Message = SnapshotPoint | Ready | Result | Item | InitError | Start | CallInput | Shutdown
+Message = SnapshotPoint | Ready | Result | Item | InitError | Start | CallInput | BatchInput | Shutdown
 MESSAGES: dict[str, type] = {
-    kind.TYPE: kind for kind in (SnapshotPoint, Ready, Result, Item, InitError, Start, CallInput, Shutdown)
+    kind.TYPE: kind for kind in (SnapshotPoint, Ready, Result, Item, InitError, Start, CallInput, BatchInput, Shutdown)
 }
 
 

@@ -73,6 +73,17 @@ class LaunchPlan:
     gpus_after_snapshot: bool = False
 
 
+def _outcome(reply: wire.Result) -> Outcome:
+    return Outcome(
+        ok=reply.ok,
+        value=reply.value,
+        exception=reply.exception,
+        error_type=reply.error_type,
+        message=reply.message,
+        traceback=reply.traceback,
+    )
+
+
 class FunctionContainer:
     """One running container serving one function or class; not thread-safe (one call at a time)."""
 
@@ -286,14 +297,61 @@ class FunctionContainer:
                 self._inboxes.pop(call_id, None)
         with self._inbox_lock:
             self.calls_served += 1
-        return Outcome(
-            ok=reply.ok,
-            value=reply.value,
-            exception=reply.exception,
-            error_type=reply.error_type,
-            message=reply.message,
-            traceback=reply.traceback,
-        )
+        return _outcome(reply)
+
+    def call_batch(
+        self, calls: Sequence[tuple[str, bytes]], method: str | None, timeout: float
+    ) -> list[Outcome | WarmbootError]:
+        """Run calls of a ``@batched`` function as one input; each call's outcome, in order.
+
+        A timeout or a dead container ends every call of the batch (raised); a reply for a call that is not in
+        the batch is a protocol violation (raised).
+        """
+        inboxes: dict[str, queue.SimpleQueue[wire.Message | WarmbootError]] = {}
+        with self._inbox_lock:
+            if self._broken is not None:
+                raise self._broken
+            for call_id, _ in calls:
+                inboxes[call_id] = self._inboxes[call_id] = queue.SimpleQueue()
+        outcomes: list[Outcome | WarmbootError] = []
+        try:
+            self._send(
+                wire.BatchInput(
+                    call_ids=[call_id for call_id, _ in calls],
+                    sizes=[len(args) for _, args in calls],
+                    args=b"".join(args for _, args in calls),
+                    method=method,
+                )
+            )
+            deadline = time.monotonic() + timeout
+            for call_id, _ in calls:
+                try:
+                    reply = inboxes[call_id].get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self.kill()
+                    raise FunctionTimeoutError(
+                        f"{self.plan.label} batch of {len(calls)} calls exceeded its timeout of {timeout:g} s; "
+                        "the container was stopped"
+                    ) from None
+                if isinstance(reply, WarmbootError):
+                    self.kill()
+                    raise reply
+                if not isinstance(reply, wire.Result) or reply.call_id != call_id:
+                    violation = ProtocolViolationError(
+                        f"container {self.id} of {self.plan.label} answered call {call_id} of a batch with a "
+                        f"{reply.TYPE!r} message; it was stopped"
+                    )
+                    self._break(violation)
+                    self.kill()
+                    raise violation
+                outcomes.append(_outcome(reply))
+        finally:
+            with self._inbox_lock:
+                for call_id in inboxes:
+                    self._inboxes.pop(call_id, None)
+        with self._inbox_lock:
+            self.calls_served += len(calls)
+        return outcomes
 
     def _start_reader(self) -> None:
         """From READY on, one thread reads the container's replies and hands each to the call it answers."""
