@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,14 @@ def new_call(payload: bytes = b"x") -> Call:
     return Call(app_id="ap-test", tag="f", method=None, args=payload)
 
 
+def poll_until(what: str, check: Callable[[], bool]) -> None:
+    """For states the fakes are not told about (the pool's own counters): check until true, with a deadline."""
+    deadline = time.monotonic() + WAIT
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.001)
+
+
 def wait_done(*calls: Call) -> None:
     for call in calls:
         assert call.done.wait(WAIT), f"call {call.call_id} never ended"
@@ -239,7 +248,7 @@ def test_input_concurrency_starts_one_container_per_n_waiting_inputs(fleet: Flee
     fleet.boot_gate.set()
     fleet.wait_for("all ten inputs running at once", lambda: len(fleet.running_calls) == 10)
     assert all(c.max_active <= 4 for c in fleet.containers), [c.max_active for c in fleet.containers]
-    assert pool.counts()["idle"] == 2, "12 slots, 10 busy"
+    poll_until("12 slots, 10 busy: two idle", lambda: pool.counts()["idle"] == 2)  # slot threads may still start
     more = [new_call(b"a"), new_call(b"b")]
     for call in more:
         pool.submit(call)  # two idle slots take them: no new container
@@ -438,3 +447,246 @@ def test_a_call_finishes_once(tmp_path: Path) -> None:
     assert heard == [Outcome(ok=True, value=b"first")]
     call.when_done(lambda c: heard.append(c.outcome))  # registered after the end: runs at once
     assert len(heard) == 2 and book.get(call.call_id).outcome == Outcome(ok=True, value=b"first")
+
+
+# ----- @modal.batched ---------------------------------------------------------------------------------------------
+
+
+class BatchingContainer(FakeContainer):
+    """A fake that records each batch it is given (as its calls' payloads) and returns them one by one."""
+
+    def call_batch(self, calls: list[tuple[str, bytes]], method: str | None, timeout: float) -> list[Outcome]:
+        with self.fleet.lock:
+            self.fleet.batches.append([args for _, args in calls])
+            self.fleet.changed.notify_all()
+            released = self.fleet.changed.wait_for(lambda: self.fleet.call_gate.is_set(), WAIT)
+        assert released, "the test never released the batch"
+        self.calls_served += len(calls)
+        return [Outcome(ok=True, value=args) for _, args in calls]
+
+
+class BatchingFleet(Fleet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[bytes]] = []
+
+    def __call__(self) -> FakeContainer:
+        plain = super().__call__()
+        container = BatchingContainer(self, self.starts)
+        with self.lock:
+            self.containers[self.containers.index(plain)] = container
+        return container
+
+
+@pytest.fixture
+def batching_fleet() -> Iterator[BatchingFleet]:
+    fleet = BatchingFleet()
+    yield fleet
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+
+
+def test_batches_take_up_to_max_batch_size_waiting_inputs(batching_fleet: BatchingFleet) -> None:
+    fleet = batching_fleet
+    pool, _ = make_pool(fleet, batch_size=3, batch_wait=60.0, max_containers=1)
+    calls = [new_call(bytes([i])) for i in range(5)]
+    for call in calls:
+        pool.submit(call)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    fleet.wait_for("the first batch ran", lambda: len(fleet.batches) == 1)
+    wait_done(*calls[:3])
+    assert fleet.batches[0] == [b"\x00", b"\x01", b"\x02"], "a full batch goes at once, without waiting"
+    # The other two wait (up to 60 s) for a third: it arrives, and the batch goes as soon as it is full.
+    sixth = new_call(b"\x05")
+    pool.submit(sixth)
+    wait_done(*calls[3:], sixth)
+    assert fleet.batches[1] == [b"\x03", b"\x04", b"\x05"]
+    assert [c.outcome.value for c in [*calls, sixth]] == [bytes([i]) for i in range(6)]  # type: ignore[union-attr]
+    assert fleet.starts == 1
+    pool.stop()
+
+
+def test_a_partial_batch_runs_when_wait_ms_has_passed(batching_fleet: BatchingFleet) -> None:
+    fleet = batching_fleet
+    pool, _ = make_pool(fleet, batch_size=4, batch_wait=0.05)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    call = new_call()
+    pool.submit(call)
+    wait_done(call)
+    assert fleet.batches == [[b"x"]]
+    pool.stop()
+
+
+def test_inputs_arriving_for_a_gathering_batch_start_no_container(batching_fleet: BatchingFleet) -> None:
+    fleet = batching_fleet
+    pool, _ = make_pool(fleet, batch_size=4, batch_wait=60.0)
+    first = new_call(b"a")
+    pool.submit(first)
+    fleet.boot_gate.set()
+    fleet.wait_for("one container started", lambda: len(fleet.containers) == 1)
+    rest = [new_call(p) for p in (b"b", b"c", b"d")]
+    for call in rest:
+        pool.submit(call)  # the gathering batch has room for them: no second container
+    fleet.call_gate.set()
+    wait_done(first, *rest)
+    assert fleet.starts == 1
+    assert fleet.batches == [[b"a", b"b", b"c", b"d"]]
+    assert pool._batch_room == 0, "the room a batch counted is given back"
+    pool.stop()
+
+
+def test_a_burst_for_a_batched_function_starts_one_container_per_batch(batching_fleet: BatchingFleet) -> None:
+    fleet = batching_fleet
+    pool, _ = make_pool(fleet, batch_size=4, batch_wait=60.0)
+    calls = [new_call(bytes([i])) for i in range(9)]
+    for call in calls:
+        pool.submit(call)
+    fleet.wait_for("three containers booting", lambda: fleet.booting == 3)
+    assert fleet.starts == 3, "9 inputs at 4 per batch: 3 containers"
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    extra = [new_call(p) for p in (b"x", b"y", b"z")]
+    for call in extra:
+        pool.submit(call)  # ... and they fill the last batch: still 3 containers, every batch full
+    wait_done(*calls, *extra)
+    assert fleet.starts == 3
+    assert sorted(len(b) for b in fleet.batches) == [4, 4, 4], fleet.batches
+    pool.stop()
+
+
+# ----- retry back-off and cancellation ----------------------------------------------------------------------------
+
+
+class FakeClock:
+    """The pool's ``schedule``: records each delayed action; the test runs them when it chooses (no sleeping)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Condition()
+        self.pending: list[tuple[float, Callable[[], None]]] = []
+
+    def __call__(self, seconds: float, action: Callable[[], None]) -> None:
+        with self.lock:
+            self.pending.append((seconds, action))
+            self.lock.notify_all()
+
+    def next_delay(self) -> float:
+        with self.lock:
+            assert self.lock.wait_for(lambda: self.pending, WAIT), "no retry was scheduled"
+            return self.pending[0][0]
+
+    def advance(self) -> None:
+        with self.lock:
+            _, action = self.pending.pop(0)
+        action()
+
+
+class RaisingContainer(FakeContainer):
+    """A fake whose calls with args in ``fleet.raises`` return a user exception's outcome (the function raised)."""
+
+    def call(self, call_id: str, method: str | None, args: bytes, timeout: float, on_item: object = None) -> Outcome:
+        outcome = super().call(call_id, method, args, timeout, on_item)
+        left = getattr(self.fleet, "raises", {}).get(args, 0)
+        if left:
+            self.fleet.raises[args] = left - 1  # type: ignore[attr-defined]
+            return Outcome(ok=False, message="ValueError: flaky", traceback="Traceback ...\nValueError: flaky")
+        return outcome
+
+
+def retry_pool(fleet: Fleet, clock: FakeClock, **settings: object) -> tuple[FunctionPool, list[str]]:
+    events: list[str] = []
+    base = {"label": "app.f", "timeout": 60.0, "retries": 3, "min_containers": 0, "max_containers": 10,
+            "scaledown_window": 60.0}  # fmt: skip
+
+    def launch() -> FakeContainer:
+        plain = fleet()
+        container = RaisingContainer(fleet, int(plain.id.split("-")[1]))
+        with fleet.lock:
+            fleet.containers[fleet.containers.index(plain)] = container
+        return container
+
+    settings = {**base, **settings}
+    return FunctionPool(PoolSettings(**settings), launch, events.append, schedule=clock), events  # type: ignore[arg-type]
+
+
+def test_retries_wait_their_back_off_doubling_up_to_max_delay(fleet: Fleet) -> None:
+    clock = FakeClock()
+    pool, events = retry_pool(fleet, clock, retry_delay=1.0, retry_backoff=2.0, retry_max_delay=3.0)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    fleet.raises = {b"flaky": 3}  # type: ignore[attr-defined]
+    call = new_call(b"flaky")
+    pool.submit(call)
+    delays = []
+    for attempt in (1, 2, 3):
+        delays.append(clock.next_delay())
+        assert not call.done.is_set() and call.attempts == attempt
+        assert pool.counts()["waiting"] == 0, "during its back-off the input is not queued"
+        clock.advance()
+    wait_done(call)
+    assert delays == [1.0, 2.0, 3.0], "1 s, then doubled, then capped at max_delay"
+    assert call.outcome is not None and call.outcome.ok and call.attempts == 4
+    assert f"Call {call.call_id} runs again in 2 s (attempt 3 of 4)" in events
+    pool.stop()
+
+
+def test_a_raising_function_is_retried_then_fails_with_its_own_exception(fleet: Fleet) -> None:
+    clock = FakeClock()
+    pool, _ = retry_pool(fleet, clock, retries=1)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    fleet.raises = {b"bad": 5}  # type: ignore[attr-defined]
+    call = new_call(b"bad")
+    pool.submit(call)
+    wait_done(call)  # retry_delay=0 (the default here): at once, no clock involved
+    assert call.attempts == 2 and not clock.pending
+    assert call.outcome is not None and call.outcome.message == "ValueError: flaky"
+    generator = Call(app_id="ap-test", tag="f", method=None, args=b"bad", generator=True, on_item=lambda _: None)
+    pool.submit(generator)
+    wait_done(generator)
+    assert generator.attempts == 1, "a generator's values may have reached its caller: never run again"
+    pool.stop()
+
+
+def test_a_stop_during_a_back_off_fails_the_waiting_input(fleet: Fleet) -> None:
+    clock = FakeClock()
+    pool, _ = retry_pool(fleet, clock, retry_delay=5.0)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    fleet.raises = {b"flaky": 1}  # type: ignore[attr-defined]
+    call = new_call(b"flaky")
+    pool.submit(call)
+    assert clock.next_delay() == 5.0
+    pool.stop()
+    wait_done(call)
+    assert call.outcome is not None and "was stopped before this input ran" in call.outcome.message
+    clock.advance()  # the timer firing late changes nothing
+    assert call.attempts == 1
+
+
+def test_cancel_ends_a_queued_input_at_once_and_stops_a_running_ones_container(fleet: Fleet) -> None:
+    from warmboot.errors import InputCancelledError
+
+    pool, events = make_pool(fleet, max_containers=1)
+    fleet.boot_gate.set()
+    running, queued = new_call(b"r"), new_call(b"q")
+    pool.submit(running)
+    fleet.wait_for("the first input runs", lambda: running.call_id in fleet.running_calls)
+    pool.submit(queued)
+    assert pool.cancel(queued, InputCancelledError("cancelled q"))
+    assert queued.outcome is not None and queued.outcome.error_type == "InputCancelledError"
+    assert pool.counts()["waiting"] == 0
+    assert pool.cancel(running, InputCancelledError("cancelled r"))
+    [container] = fleet.containers
+    assert container.stopped.is_set(), "the container running it was stopped"
+    assert running.outcome is not None and running.outcome.message == "cancelled r"
+    assert not pool.cancel(running, InputCancelledError("again")), "a finished call cannot be cancelled"
+    assert any(f"Call {running.call_id} cancelled: stopping container fake-1" in e for e in events)
+    after = new_call(b"after")
+    pool.submit(after)
+    fleet.call_gate.set()
+    wait_done(after)
+    assert after.outcome is not None and after.outcome.ok and fleet.starts == 2, "a fresh container serves on"
+    assert fleet.running_calls.count(queued.call_id) == 0, "the cancelled queued input never ran"
+    pool.stop()

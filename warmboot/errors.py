@@ -90,8 +90,28 @@ class RemoteError(WarmbootError):
     """User code raised in the container, and its exception could not be re-created here."""
 
 
-class FunctionTimeoutError(WarmbootError, TimeoutError):
+class WarmbootTimeoutError(WarmbootError, TimeoutError):
+    """Base class of warmboot's timeouts (``modal.exception.TimeoutError``); also the built-in ``TimeoutError``."""
+
+
+class FunctionTimeoutError(WarmbootTimeoutError):
     """A call ran longer than its function's ``timeout``; the container was stopped."""
+
+
+class OutputTimeoutError(WarmbootTimeoutError):
+    """``FunctionCall.get(timeout=)`` waited that long and the call has not finished (it goes on running)."""
+
+
+class InputCancelledError(WarmbootError):
+    """The call was cancelled with ``FunctionCall.cancel()`` (``modal.exception.InputCancellation``)."""
+
+
+class SerializationError(InvalidOptionError):
+    """A call's arguments cannot be pickled (cloudpickle) to travel to its container."""
+
+
+class DeserializationError(WarmbootError):
+    """A call's result (or its exception) cannot be unpickled here: a module it needs is missing locally."""
 
 
 class ContainerCrashedError(ContainerError):

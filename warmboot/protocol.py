@@ -37,6 +37,10 @@ class Target:
     app_id: str | None = None
     app_name: str | None = None
     method: str | None = None
+    #: ``modal.parameter()`` values of the class's instance (str, int, bool or bytes); checked by the server
+    parameters: dict[str, Any] | None = None
+    #: ``with_options`` overrides (``sdk.parameter.OVERRIDABLE``); checked by the server like a deploy's options
+    options: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,17 @@ class Get:
 
 
 @dataclass(frozen=True)
+class Cancel:
+    """End a call with ``InputCancelledError`` (``FunctionCall.cancel()``); a running one's container is stopped.
+
+    Answers whether the call was still unfinished (``False``: it had already ended, nothing changed).
+    """
+
+    call_id: str
+    terminate_containers: bool = False  #: Modal's flag; accepted, a running call's container is always stopped
+
+
+@dataclass(frozen=True)
 class AppList:
     pass
 
@@ -161,6 +176,7 @@ REQUESTS: dict[str, type] = {
     "call_gen": CallGen,
     "submit": Submit,
     "get": Get,
+    "cancel": Cancel,
     "app_list": AppList,
     "app_stop": AppStop,
     "container_list": ContainerList,

@@ -6,6 +6,7 @@ from typing import Any
 
 from warmboot import validation
 from warmboot.errors import InvalidOptionError
+from warmboot.sdk import retries as retry_rules
 
 DEFAULTS: dict[str, Any] = {
     "image": None,
@@ -24,6 +25,7 @@ DEFAULTS: dict[str, Any] = {
     "block_network": False,
     "enable_memory_snapshot": False,
     "experimental_options": {},
+    "schedule": None,  # modal.Period / modal.Cron; travels as the function spec's "schedule", not in its options
 }
 KNOWN_EXPERIMENTAL = {"enable_gpu_snapshot"}
 
@@ -39,7 +41,8 @@ def check(decorator: str, given: dict[str, Any]) -> dict[str, Any]:
     opts = {**DEFAULTS, **given}
     opts["timeout"] = validation.timeout(f"{decorator}: timeout", opts["timeout"])
     opts["scaledown_window"] = validation.timeout(f"{decorator}: scaledown_window", opts["scaledown_window"])
-    for name in ("retries", "min_containers", "max_containers"):
+    opts["retries"] = retry_rules.check(decorator, opts["retries"])  # an int, or a modal.Retries as a dict
+    for name in ("min_containers", "max_containers"):
         if not isinstance(opts[name], int) or opts[name] < 0:
             raise InvalidOptionError(f"{decorator}: {name}= must be a non-negative integer, got {opts[name]!r}")
     if opts["max_containers"] < 1:
@@ -72,4 +75,11 @@ def check(decorator: str, given: dict[str, Any]) -> dict[str, Any]:
             f"{decorator}: unknown experimental option(s) {', '.join(map(repr, unknown_exp))}; "
             f"known: {', '.join(sorted(KNOWN_EXPERIMENTAL))}"
         )
+    if opts["schedule"] is not None:
+        from warmboot.sdk.schedule import Schedule
+
+        if not isinstance(opts["schedule"], Schedule):
+            raise InvalidOptionError(
+                f"{decorator}: schedule= takes modal.Period(...) or modal.Cron(...), got {opts['schedule']!r}"[:300]
+            )
     return opts

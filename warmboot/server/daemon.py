@@ -25,6 +25,7 @@ from typing import Any
 import warmboot
 from warmboot import config, protocol, validation
 from warmboot.errors import (
+    InputCancelledError,
     InvalidOptionError,
     NotFoundError,
     ServerError,
@@ -175,8 +176,11 @@ class ControlPlane:
             raise InvalidOptionError(f"{app.record.name}.{target.tag} is a function, not a class")
         if fspec["options"].get("gpu"):
             gpus.check_request(fspec["options"]["gpu"], f"{app.record.name}.{target.tag}")
-        call = self.calls.accept(target, app.record.app_id, args, detached=detached, on_item=on_item)
-        app.pool(target.tag).submit(call)
+        # modal.parameter() values and with_options overrides: checked now, before the call is recorded
+        variant = app.variant(target.tag, target.parameters, target.options)
+        recorded = variant.to_json() if variant.key != variant.tag else None
+        call = self.calls.accept(target, app.record.app_id, args, detached=detached, on_item=on_item, variant=recorded)
+        app.submit(variant, call)
         return call
 
     def _enqueue(self, call: Call) -> None:
@@ -187,8 +191,8 @@ class ControlPlane:
             call.fail(ServerRestartedError("the server restarted and this call's app is no longer running"))
             return
         try:
-            app.pool(call.tag).submit(call)
-        except NotFoundError as exc:
+            app.submit(app.variant_from_json(call.tag, call.variant), call)
+        except (NotFoundError, InvalidOptionError) as exc:  # the app changed under it
             call.fail(exc)
 
     # ----- operations (each takes its typed request; see protocol.REQUESTS) --------------------------------
@@ -211,6 +215,20 @@ class ControlPlane:
 
     def op_submit(self, request: protocol.Submit) -> str:
         return self.accept_call(request.target, request.args, True).call_id
+
+    def op_cancel(self, request: protocol.Cancel) -> bool:
+        """Cancel a call: a queued one ends at once, a running one's container is stopped (see ``pool.cancel``)."""
+        call = self.calls.get(request.call_id)  # NotFoundError for an unknown id
+        if call.done.is_set():
+            return False  # finished already: like Modal, cancelling it changes nothing
+        cancelled = InputCancelledError(
+            f"call {call.call_id} was cancelled (FunctionCall.cancel()) before it finished; call it again to run it"
+        )
+        with self._lock:
+            app = self.apps.get(call.app_id)
+        if app is None:
+            return call.fail(cancelled)
+        return app.call_pool(call).cancel(call, cancelled)
 
     def op_app_list(self, request: protocol.AppList) -> list[dict[str, Any]]:
         with self._lock:

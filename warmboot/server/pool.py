@@ -13,7 +13,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,6 +24,7 @@ from warmboot.errors import (
     WarmbootError,
 )
 from warmboot.protocol import Outcome
+from warmboot.sdk import retries as retry_rules
 from warmboot.server.calls import Call
 
 log = logging.getLogger("warmboot.pool")
@@ -55,6 +56,10 @@ class ContainerHandle(Protocol):
         ContainerCrashedError (the container is then dead)."""
         ...
 
+    def call_batch(self, calls: Sequence[tuple[str, bytes]], method: str | None, timeout: float) -> list[Outcome]:
+        """Run inputs of a ``@modal.batched`` function as one; raises like :meth:`call` for the whole batch."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -72,6 +77,18 @@ class PoolSettings:
     scaledown_window: float
     max_inputs: int | None = None  #: a container stops after serving this many inputs (None: no limit)
     concurrency: int = 1  #: inputs one container runs at once (``@modal.concurrent(max_inputs=)``)
+    batch_size: int = 0  #: ``@modal.batched(max_batch_size=)``: a slot runs up to this many inputs as one (0: off)
+    batch_wait: float = 0.0  #: seconds a slot with one input waits for more to fill its batch (``wait_ms``)
+    #: The wait before each retry (``modal.Retries``): ``retry_delay`` s before the first, times ``retry_backoff``
+    #: after each, at most ``retry_max_delay``. 0: at once.
+    retry_delay: float = 0.0
+    retry_backoff: float = 1.0
+    retry_max_delay: float = 60.0
+
+    @property
+    def inputs_per_container(self) -> int:
+        """How many waiting inputs one container takes at once: what scaling counts per container."""
+        return self.concurrency * max(1, self.batch_size)
 
 
 @dataclass
@@ -92,8 +109,11 @@ class FunctionPool:
         launch: Launch,
         on_event: Callable[[str], None],
         stopped: threading.Event | None = None,
+        schedule: Callable[[float, Callable[[], None]], None] | None = None,
     ):
         self.settings = settings
+        #: Runs a callable after a delay (a retry's back-off); tests pass a fake clock.
+        self._schedule = schedule or _after
         #: Set by stop(): a start still waiting for GPUs (``server.launcher``) gives up.
         self.stopped = stopped if stopped is not None else threading.Event()
         self._launch = launch
@@ -104,7 +124,10 @@ class FunctionPool:
         self._booting = 0
         self._threads = 0  #: container threads alive: starting, serving or stopping a container
         self._idle = 0  #: idle slots (a container with input concurrency N has N)
+        self._batch_room = 0  #: inputs that slots gathering a batch would still take
         self._stopping = False
+        self._retrying: dict[str, Call] = {}  #: failed inputs waiting out their retry back-off, by call id
+        self._running_on: dict[str, ContainerHandle] = {}  #: call id -> the container running it (for cancel)
 
     # ----- the caller's side -------------------------------------------------------------------------
 
@@ -114,7 +137,10 @@ class FunctionPool:
                 call.fail(WarmbootError(f"{self.settings.label} is stopped"))
                 return
             self._queue.append(call)
-            self._cond.notify()
+            if self.settings.batch_size > 1:
+                self._cond.notify_all()  # the slot gathering a batch must see it, not only one idle slot
+            else:
+                self._cond.notify()
             self._scale_up_locked()
 
     def ensure_min(self) -> None:
@@ -144,8 +170,9 @@ class FunctionPool:
         """
         with self._cond:
             self._stopping = True
-            leftover = list(self._queue)
+            leftover = list(self._queue) + list(self._retrying.values())
             self._queue.clear()
+            self._retrying.clear()
             containers = [r.handle for r in self._containers.values()]
             self._cond.notify_all()
         self.stopped.set()
@@ -166,8 +193,9 @@ class FunctionPool:
         Never more containers starting than the waiting inputs need: with input concurrency N, one container
         per N waiting inputs.
         """
-        slots = self.settings.concurrency
-        uncovered = len(self._queue) - self._idle - self._booting * slots
+        slots = self.settings.inputs_per_container
+        uncovered = len(self._queue) - self._idle * max(1, self.settings.batch_size) - self._batch_room
+        uncovered -= self._booting * slots
         needed = -(-uncovered // slots) if uncovered > 0 else 0  # ceil
         capacity = self.settings.max_containers - len(self._containers) - self._booting
         for _ in range(max(0, min(needed, capacity))):
@@ -263,7 +291,14 @@ class FunctionPool:
                 while True:
                     if self._stopping or running.retiring:
                         return None
-                    if self._queue:
+                    while self._queue and self._queue[0].done.is_set():
+                        self._queue.popleft()  # ended while it waited (cancelled): nothing to run
+                    # Inputs that a gathering batch has room for are left to it: taking one here would start a
+                    # second partial batch, and both would wait out wait_ms.
+                    if len(self._queue) > self._batch_room:
+                        if self.settings.batch_size > 1:
+                            # The batch this input starts counts as capacity from now on (see _gather_batch).
+                            self._batch_room += self.settings.batch_size - 1
                         return self._queue.popleft()
                     timed_out = not self._cond.wait(self.settings.scaledown_window)
                     if (
@@ -297,27 +332,39 @@ class FunctionPool:
                 # the queue without costing an attempt, and this container stops.
                 self._event(f"Container {fc.id} of {self.settings.label} stopped while idle; its next input waits")
                 with self._cond:
+                    self._batch_room -= max(0, self.settings.batch_size - 1)  # the batch it would have started
                     self._queue.appendleft(call)
                     self._cond.notify()
                 return
-            call.started()
+            calls = self._gather_batch(call) if self.settings.batch_size > 1 else [call]
+            for each in calls:
+                each.started()
+            self._mark_running(calls, fc)
             began = time.monotonic()
             try:
-                outcome = fc.call(call.call_id, call.method, call.args, self.settings.timeout, call.on_item)
+                if self.settings.batch_size:
+                    outcomes = fc.call_batch([(c.call_id, c.args) for c in calls], call.method, self.settings.timeout)
+                else:
+                    outcomes = [fc.call(call.call_id, call.method, call.args, self.settings.timeout, call.on_item)]
             except FunctionTimeoutError as exc:
                 self._event(str(exc))
-                call.fail(exc)
+                for each in calls:
+                    each.fail(exc)
                 return
             except ContainerCrashedError as exc:
-                self._event(f"{exc}; call {call.call_id} attempt {call.attempts} of {self.settings.retries + 1}")
-                self._retry_or_fail(call, exc)
+                for each in calls:
+                    self._event(f"{exc}; call {each.call_id} attempt {each.attempts} of {self.settings.retries + 1}")
+                    self._retry_or_fail(each, exc)
                 return
             except Exception as exc:  # a bug here must still end the call, never leave its caller waiting
                 log.exception("call %s on %s failed in the worker", call.call_id, fc.id)
-                call.fail(ContainerCrashedError(f"{self.settings.label}: internal error running the call: {exc}"))
+                for each in calls:
+                    each.fail(ContainerCrashedError(f"{self.settings.label}: internal error running the call: {exc}"))
                 return
-            if fc.calls_served == 1:
+            if fc.calls_served == len(calls):
                 self._event(f"First input on container {fc.id} took {(time.monotonic() - began) * 1000:.0f} ms")
+            if len(calls) > 1 or self.settings.batch_size:
+                self._event(f"Batch of {len(calls)} input(s) on container {fc.id}")
             used_up = self.settings.max_inputs is not None and fc.calls_served >= self.settings.max_inputs
             with self._cond:
                 if used_up:
@@ -327,14 +374,125 @@ class FunctionPool:
                     # instead of starting another one.
                     self._idle += 1
                     idle = True
-            call.finish(outcome)
+            for each, outcome in zip(calls, outcomes, strict=True):
+                self._finish(each, outcome)
             if used_up:
                 return
 
-    def _retry_or_fail(self, call: Call, exc: WarmbootError) -> None:
+    def _gather_batch(self, first: Call) -> list[Call]:
+        """``first`` and the inputs that arrive within ``batch_wait`` of it, up to ``batch_size`` in all.
+
+        While it waits, the room left in the batch counts as capacity, so the inputs it is waiting for do not
+        start containers of their own.
+        """
+        size = self.settings.batch_size
+        calls = [first]
+        deadline = time.monotonic() + self.settings.batch_wait
+        room = size - 1  #: counted in _batch_room by _next_call, under the same lock as the pop
         with self._cond:
-            if call.attempts <= self.settings.retries and not self._stopping:
+            try:
+                while len(calls) < size:
+                    if self._queue:
+                        calls.append(self._queue.popleft())
+                        continue
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self._stopping:
+                        break
+                    self._batch_room += size - len(calls) - room
+                    room = size - len(calls)
+                    self._cond.wait(remaining)
+            finally:
+                self._batch_room -= room
+                self._cond.notify_all()  # inputs left to this batch are free for other slots again
+        return calls
+
+    def _finish(self, call: Call, outcome: Outcome) -> None:
+        """End ``call`` with ``outcome``, or run it again if its function raised and it has retries left.
+
+        Only an exception raised by user code is retried (a remote exception: no warmboot error type), never a
+        generator call's: its values may already have reached the caller.
+        """
+        raised = not outcome.ok and outcome.error_type is None and bool(outcome.traceback)
+        if raised and not call.generator and call.attempts <= self.settings.retries:
+            first = (outcome.message or "an exception").splitlines()[0]
+            self._event(f"Call {call.call_id} raised {first}; attempt {call.attempts} of {self.settings.retries + 1}")
+            self._retry_or_fail(call, outcome)
+            return
+        call.finish(outcome)
+
+    def _retry_or_fail(self, call: Call, failure: WarmbootError | Outcome) -> None:
+        """Queue ``call`` again after its back-off if it has retries left; otherwise end it with ``failure``."""
+        if call.done.is_set():
+            return  # it was cancelled while it ran
+        s = self.settings
+        with self._cond:
+            retry = call.attempts <= s.retries and not self._stopping
+            wait = retry_rules.delay(call.attempts, s.retry_delay, s.retry_backoff, s.retry_max_delay) if retry else 0
+            if retry and wait <= 0:
                 self._queue.appendleft(call)
                 self._cond.notify()  # an idle container takes the retry now, not after its window
+                self._scale_up_locked()
                 return
-        call.fail(exc)
+            if retry:
+                self._retrying[call.call_id] = call
+        if retry:
+            attempt = f"attempt {call.attempts + 1} of {s.retries + 1}"
+            self._event(f"Call {call.call_id} runs again in {wait:g} s ({attempt})")
+            self._schedule(wait, lambda: self._requeue(call))
+            return
+        if isinstance(failure, Outcome):
+            call.finish(failure)
+        else:
+            call.fail(failure)
+
+    def _requeue(self, call: Call) -> None:
+        """A retry's back-off is over: the call goes to the front of the queue (unless stopped or cancelled)."""
+        with self._cond:
+            if self._retrying.pop(call.call_id, None) is None:
+                return  # the pool stopped, or the call was cancelled, while it waited
+            if call.done.is_set() or self._stopping:
+                return
+            self._queue.appendleft(call)
+            self._cond.notify()
+            self._scale_up_locked()
+
+    # ----- cancelling -------------------------------------------------------------------------------------
+
+    def _mark_running(self, calls: list[Call], fc: ContainerHandle) -> None:
+        with self._cond:
+            for call in calls:
+                self._running_on[call.call_id] = fc
+        for call in calls:
+            call.when_done(self._forget_running)
+
+    def _forget_running(self, call: Call) -> None:
+        with self._cond:
+            self._running_on.pop(call.call_id, None)
+
+    def cancel(self, call: Call, exc: WarmbootError) -> bool:
+        """End ``call`` with ``exc`` (``FunctionCall.cancel()``); False if it had already ended.
+
+        A queued input (or one waiting out a retry's back-off) just ends. A running one ends, and the container
+        running it is stopped (killed: a container cannot stop one input halfway), as Modal's
+        ``terminate_containers=True`` does; other inputs that container ran at the same time (input concurrency,
+        batches) end as after a crash: retried if they have retries left, failed otherwise.
+        """
+        with self._cond:
+            queued = [c for c in self._queue if c is not call]
+            if len(queued) != len(self._queue):
+                self._queue = collections.deque(queued)
+            self._retrying.pop(call.call_id, None)
+            container = self._running_on.get(call.call_id)
+        if not call.fail(exc):
+            return False
+        if container is not None:
+            self._event(f"Call {call.call_id} cancelled: stopping container {container.id}, which was running it")
+            stop = getattr(container, "kill", None) or container.shutdown
+            stop()
+        return True
+
+
+def _after(seconds: float, action: Callable[[], None]) -> None:
+    timer = threading.Timer(seconds, action)
+    timer.daemon = True
+    timer.start()
