@@ -5,10 +5,13 @@ Written for Modal? ``import warmboot as modal`` and the rest of your app stays a
 
 from warmboot.errors import WarmbootError
 from warmboot.sdk.app import App
+from warmboot.sdk.batching import batched
 from warmboot.sdk.concurrency import concurrent
 from warmboot.sdk.function import Cls, Function, FunctionCall
 from warmboot.sdk.image import Image
+from warmboot.sdk.parameter import parameter
 from warmboot.sdk.partial import enter, exit, method
+from warmboot.sdk.schedule import Cron, Period
 from warmboot.sdk.secret import Secret
 from warmboot.sdk.volume import Volume
 
@@ -16,14 +19,18 @@ __version__ = "0.1.0"
 __all__ = [
     "App",
     "Cls",
+    "Cron",
     "Function",
     "FunctionCall",
     "Image",
+    "Period",
     "Secret",
     "Volume",
     "WarmbootError",
+    "batched",
     "concurrent",
     "enter",
     "exit",
     "method",
+    "parameter",
 ]

@@ -55,7 +55,7 @@ class _Service:
         self.function = None
         self.hooks: dict[str, list[str]] = {"enter_snap": [], "enter": [], "exit": [], "methods": []}
         if isinstance(target, Cls):
-            self.instance = target.user_cls()
+            self.instance = _instantiate(target.user_cls)
             self.hooks = lifecycle(target.user_cls)
         else:
             self.function = target.raw_f
@@ -70,6 +70,18 @@ class _Service:
         if method not in self.hooks["methods"]:
             raise AttributeError(f"no @method() named {method!r}")
         return getattr(self.instance, method)
+
+
+def _instantiate(user_cls: type) -> Any:
+    """The class's instance, its ``modal.parameter()`` values set from ``WARMBOOT_PARAMETERS`` (the server's
+    checked values for this pool) before any hook runs: they are part of what a snapshot of it holds."""
+    from warmboot.sdk import parameter
+
+    decls = parameter.declarations(user_cls)
+    if not decls:
+        return user_cls()
+    given = parameter.decode(decls, os.environ.get(parameter.ENV_VAR) or "{}")
+    return parameter.instantiate(user_cls, parameter.bind(user_cls.__name__, decls, (), given))
 
 
 def _reseed() -> None:

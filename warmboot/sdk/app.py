@@ -8,6 +8,7 @@ from typing import Any
 from warmboot import validation
 from warmboot.errors import InvalidOptionError
 from warmboot.sdk import options as option_rules
+from warmboot.sdk.batching import batching_spec
 from warmboot.sdk.concurrency import concurrency_of
 from warmboot.sdk.function import Cls, Function
 from warmboot.sdk.image import Image
@@ -64,6 +65,9 @@ class App:
         def wrap(f: Callable[..., Any]) -> Function:
             if isinstance(f, type):
                 raise InvalidOptionError(f"@app.function got class {f.__name__}; use @app.cls for classes")
+            batching_spec(f, concurrency=concurrency_of(f))  # refuse a bad combination at decoration
+            if opts["schedule"] is not None:
+                _check_schedulable(f, opts["schedule"])
             fn = Function(self, f.__name__, f, opts)
             self._register(f.__name__, fn)
             return fn
@@ -73,10 +77,16 @@ class App:
     def cls(self, _c: type | None = None, **options: Any) -> Any:
         """Decorator: run instances of this class in containers, with ``@enter``/``@method``/``@exit`` hooks."""
         opts = option_rules.check("@app.cls", options)
+        if opts["schedule"] is not None:
+            raise InvalidOptionError(
+                "@app.cls does not take schedule=: a schedule runs a function with no arguments; put it on an "
+                "@app.function that calls the class's method (Cls().METHOD.remote())"
+            )
 
         def wrap(user_cls: type) -> Cls:
             if not isinstance(user_cls, type):
                 raise InvalidOptionError("@app.cls decorates classes; use @app.function for functions")
+            batching_spec(user_cls, concurrency=concurrency_of(user_cls))
             c = Cls(self, user_cls.__name__, user_cls, opts)
             self._register(user_cls.__name__, c)
             return c
@@ -100,6 +110,8 @@ class App:
             image = opts.pop("image") or self.image or Image.debian_slim()
             volumes = {**self.volumes, **opts.pop("volumes")}
             secrets = [*self.secrets, *opts.pop("secrets")]
+            schedule = opts.pop("schedule", None)
+            target = obj.user_cls if isinstance(obj, Cls) else obj.raw_f
             for path, vol in volumes.items():
                 if not isinstance(vol, Volume):
                     raise InvalidOptionError(f"{tag}: volumes[{path!r}] must be a Volume, got {vol!r}")
@@ -112,6 +124,29 @@ class App:
                 },
                 "secrets": [s.to_spec() for s in secrets],
                 "lifecycle": lifecycle(obj.user_cls) if isinstance(obj, Cls) else None,
-                "concurrency": concurrency_of(obj.user_cls if isinstance(obj, Cls) else obj.raw_f),
+                "parameters": obj._parameters if isinstance(obj, Cls) else None,  # modal.parameter()s
+                "schedule": schedule.to_spec() if schedule is not None else None,
+                "concurrency": concurrency_of(target),
+                "batching": batching_spec(target, concurrency=concurrency_of(target)),
             }
         return {"name": self.name, "functions": functions, "reseed_after_restore": self.reseed_after_restore}
+
+
+def _check_schedulable(f: Callable[..., Any], schedule: Any) -> None:
+    """A scheduled function is called with no arguments: refuse one that requires any, at decoration (as Modal)."""
+    import inspect
+
+    try:
+        params = inspect.signature(f).parameters.values()
+    except (TypeError, ValueError):  # a builtin or C function without a signature: let the call say it
+        return
+    required = [
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    if required:
+        raise InvalidOptionError(
+            f"@app.function: {getattr(f, '__name__', f)} has schedule={schedule!r}, so it is called with no "
+            f"arguments, but it requires {', '.join(required)}: give them default values or drop the schedule"
+        )

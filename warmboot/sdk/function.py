@@ -58,7 +58,11 @@ class _Invocable:
                     "give the App a name and `warmboot deploy` it, or use `warmboot run`"
                 )
             where = {"app_name": name}
-        return {**where, "tag": self.tag, "method": self._method}
+        return {**where, "tag": self.tag, "method": self._method, **self._variant()}
+
+    def _variant(self) -> dict[str, Any]:
+        """Parameter values and ``with_options`` overrides, when the call goes to a variant's own pool."""
+        return {}
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Run in a container and return the result (an exception in the container re-raises here)."""
@@ -111,6 +115,19 @@ class Function(_Invocable):
         """The function ``name`` of the deployed app ``app_name``."""
         return cls(None, name, None, {}, app_name=app_name)
 
+    _overrides: dict[str, Any] | None = None  #: ``with_options`` overrides, as sent to the server
+
+    def with_options(self, **options: Any) -> Function:
+        """A handle to this function whose calls run with these options instead of the deployed ones (its own
+        pool; its own memory snapshot when they change what the container holds). Takes what
+        ``Cls.with_options`` takes."""
+        from warmboot.sdk.parameter import function_with_options
+
+        return function_with_options(self, options)
+
+    def _variant(self) -> dict[str, Any]:
+        return {"options": self._overrides} if self._overrides else {}
+
     def local(self, *args: Any, **kwargs: Any) -> Any:
         """Call the function here, in this process."""
         if self.raw_f is None:
@@ -119,7 +136,11 @@ class Function(_Invocable):
 
 
 class Cls:
-    """A class decorated with ``@app.cls``; calling it gives an instance whose ``@method``s run remotely."""
+    """A class decorated with ``@app.cls``; calling it gives an instance whose ``@method``s run remotely.
+
+    ``Cls(**parameters)`` picks the instance's ``modal.parameter()`` values (each distinct set runs in its own
+    pool); ``Cls.with_options(...)`` gives a handle whose instances run with other resources or scaling.
+    """
 
     def __init__(
         self,
@@ -130,11 +151,16 @@ class Cls:
         *,
         app_name: str | None = None,
     ):
+        from warmboot.sdk.parameter import declarations
+
         self._app = app
         self._app_name = app_name
         self.tag = tag
         self.user_cls = user_cls
         self.options = options
+        #: ``modal.parameter()`` declarations (checked here, at decoration); None when looked up by name.
+        self._parameters = declarations(user_cls) if user_cls is not None else None
+        self._overrides: dict[str, Any] = {}  #: ``with_options`` overrides, as sent to the server
 
     def __repr__(self) -> str:
         return f"Cls({self.tag!r})"
@@ -145,18 +171,65 @@ class Cls:
         return cls(None, name, None, {}, app_name=app_name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Obj:
-        if args or kwargs:
+        """An instance with these ``modal.parameter()`` values (keyword arguments only).
+
+        A class looked up by name has no declarations here: the server checks its parameters at the first call.
+        """
+        from warmboot.sdk import parameter
+
+        if self._parameters is not None:
+            return Obj(self, parameter.bind(self.tag, self._parameters, args, kwargs))
+        if args:
             raise InvalidOptionError(
-                f"{self.tag}(): parametrized classes are not supported yet; call it with no arguments"
+                f"{self.tag}() takes its parameters by keyword only, got {len(args)} positional argument(s)"
             )
-        return Obj(self)
+        for name, value in kwargs.items():
+            if type(value) not in parameter.TYPES.values():
+                raise InvalidOptionError(
+                    f"{self.tag}(): parameter {name!r} must be a str, int, bool or bytes, got {type(value).__name__}"
+                )
+        return Obj(self, dict(kwargs))
+
+    def with_options(
+        self,
+        *,
+        cpu: float | None = None,
+        memory: int | None = None,
+        gpu: str | None = None,
+        env: dict[str, str] | None = None,
+        secrets: list[Any] | None = None,
+        volumes: dict[str, Any] | None = None,
+        retries: int | None = None,
+        max_containers: int | None = None,
+        scaledown_window: float | None = None,
+        timeout: float | None = None,
+        **unsupported: Any,
+    ) -> Cls:
+        """A handle to this class whose instances run with these options instead of the deployed ones.
+
+        Its instances get a pool of their own (and a memory snapshot of their own when the options change what
+        the container holds: gpu, cpu, memory, env, secrets, volumes). ``None`` keeps the deployed value;
+        ``secrets`` are added to the class's, ``env`` and ``volumes`` merged into its. Calls stack:
+        ``Cls.with_options(gpu="h100").with_options(timeout=60)``.
+        """
+        from warmboot.sdk.parameter import option_overrides
+
+        given = dict(
+            cpu=cpu, memory=memory, gpu=gpu, env=env, secrets=secrets, volumes=volumes, retries=retries,
+            max_containers=max_containers, scaledown_window=scaledown_window, timeout=timeout, **unsupported,
+        )  # fmt: skip
+        handle = Cls(None, self.tag, None, self.options, app_name=self._app_name)
+        handle._app, handle.user_cls, handle._parameters = self._app, self.user_cls, self._parameters
+        handle._overrides = option_overrides(self.tag, self._overrides, given)
+        return handle
 
 
 class Obj:
-    """An instance of an ``@app.cls`` class, as seen by the caller."""
+    """An instance of an ``@app.cls`` class, as seen by the caller (its parameter values, if any)."""
 
-    def __init__(self, cls: Cls):
+    def __init__(self, cls: Cls, parameters: dict[str, Any] | None = None):
         self._cls = cls
+        self._parameters = parameters or {}
         self._local: Any = None
 
     def __getattr__(self, name: str) -> Method:
@@ -168,12 +241,14 @@ class Obj:
         return Method(self, name)
 
     def _local_instance(self) -> Any:
-        """A local instance with its enter hooks run, for ``.local()`` calls."""
+        """A local instance with its parameters set and its enter hooks run, for ``.local()`` calls."""
         if self._local is None:
+            from warmboot.sdk.parameter import instantiate
+
             user_cls = self._cls.user_cls
             if user_cls is None:
                 raise NotFoundError(f"{self._cls.tag} was looked up by name: its code is not here, use .remote()")
-            instance = user_cls()
+            instance = instantiate(user_cls, self._parameters)
             hooks = lifecycle(user_cls)
             for hook in hooks["enter_snap"] + hooks["enter"]:
                 getattr(instance, hook)()
@@ -190,6 +265,14 @@ class Method(_Invocable):
         self._app_name = obj._cls._app_name
         self.tag = obj._cls.tag
         self._method = name
+
+    def _variant(self) -> dict[str, Any]:
+        variant: dict[str, Any] = {}
+        if self._obj._parameters or self._obj._cls._parameters:
+            variant["parameters"] = dict(self._obj._parameters)
+        if self._obj._cls._overrides:
+            variant["options"] = self._obj._cls._overrides
+        return variant
 
     def local(self, *args: Any, **kwargs: Any) -> Any:
         return getattr(self._obj._local_instance(), self._method or "")(*args, **kwargs)

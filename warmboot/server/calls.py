@@ -65,6 +65,7 @@ class Call:
     submitted_at: float = field(default_factory=time.time)
     outcome: Outcome | None = None
     generator: bool = False  #: ``.remote_gen``: yielded values go to :attr:`on_item` as they come
+    variant: str | None = None  #: a variant's pool (``apps.Variant.to_json``): parameters, with_options overrides
     on_item: Callable[[bytes], None] | None = field(default=None, repr=False)
     done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -114,6 +115,9 @@ class CallBook:
         self._lock = threading.Lock()
         with self._db_lock:
             self._db.executescript(_SCHEMA)
+            if "variant" not in {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}:
+                # Added with modal.parameter()/with_options: which variant's pool a queued call goes back to.
+                self._db.execute("ALTER TABLE calls ADD COLUMN variant TEXT")
 
     def _write(self, sql: str, *args: object) -> None:
         with self._db_lock:
@@ -129,13 +133,16 @@ class CallBook:
         *,
         detached: bool,
         on_item: Callable[[bytes], None] | None = None,
+        variant: str | None = None,
     ) -> Call:
         """Record a new call (one transaction) before anything runs it; ``on_item`` makes it a generator call."""
         self.expire()
-        call = Call(app_id, target.tag, target.method, args, generator=on_item is not None, on_item=on_item)
+        call = Call(
+            app_id, target.tag, target.method, args, generator=on_item is not None, on_item=on_item, variant=variant
+        )
         self._write(
-            "INSERT INTO calls (call_id, app_id, tag, method, args, state, submitted_at, detached) "
-            "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?)",
+            "INSERT INTO calls (call_id, app_id, tag, method, args, state, submitted_at, detached, variant) "
+            "VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, ?)",
             call.call_id,
             app_id,
             call.tag,
@@ -143,6 +150,7 @@ class CallBook:
             args,
             call.submitted_at,
             int(detached),
+            variant,
         )
         self._track(call)
         return call
@@ -222,13 +230,22 @@ class CallBook:
         """
         with self._db_lock:
             rows = self._db.execute(
-                "SELECT call_id, app_id, tag, method, args, state, attempts, submitted_at, detached FROM calls "
-                "WHERE state != 'done' ORDER BY submitted_at"
+                "SELECT call_id, app_id, tag, method, args, state, attempts, submitted_at, detached, variant "
+                "FROM calls WHERE state != 'done' ORDER BY submitted_at"
             ).fetchall()
         queued: list[Call] = []
         interrupted: list[Call] = []
-        for call_id, app_id, tag, method, args, state, attempts, submitted_at, detached in rows:
-            call = Call(app_id, tag, method, args or b"", call_id=call_id, attempts=attempts, submitted_at=submitted_at)
+        for call_id, app_id, tag, method, args, state, attempts, submitted_at, detached, variant in rows:
+            call = Call(
+                app_id,
+                tag,
+                method,
+                args or b"",
+                call_id=call_id,
+                attempts=attempts,
+                submitted_at=submitted_at,
+                variant=variant,
+            )
             self._track(call)
             if state == "running" or not detached:
                 # Running: its container died with the server. Not detached (.remote, .remote_gen): its caller's

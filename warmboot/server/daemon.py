@@ -32,6 +32,7 @@ from warmboot.errors import (
     ServerRestartedError,
 )
 from warmboot.server import deploy as deploys
+from warmboot.server import scheduler as schedules
 from warmboot.server.api import ApiServer
 from warmboot.server.apps import RunningApp
 from warmboot.server.calls import Call, CallBook
@@ -68,6 +69,7 @@ class ControlPlane:
         self.code_digest = runtime_lib.code_digest()  # what this process runs, whatever the disk says later
         self.api: ApiServer | None = None
         self._recover()
+        self.scheduler = schedules.for_plane(self)  #: started by serve(): schedules resume from the state table
 
     # ----- after a crash ---------------------------------------------------------------------------------
 
@@ -125,6 +127,7 @@ class ControlPlane:
             old = self.apps.pop(replacing, None) if replacing else None
         if old is not None:
             threading.Thread(target=old.stop, daemon=True).start()
+        self.scheduler.sync()  # the new version's schedules begin; the old version's end
         return app
 
     def retain_snapshots(self, app: RunningApp) -> None:
@@ -242,6 +245,7 @@ class ControlPlane:
                 "created_at": a.record.created_at,
                 "functions": list(a.record.spec["functions"]),
                 "containers": sum(len(p.describe()) for p in list(a.pools.values())),
+                "schedules": self.scheduler.describe(a.record.app_id),
             }
             for a in apps
         ]
@@ -251,6 +255,7 @@ class ControlPlane:
         with self._lock:
             self.apps.pop(app.record.app_id, None)
         self.state.stop_app(app.record.app_id)
+        self.scheduler.sync()  # its schedules end before its pools stop
         app.event(f"Stopping app {app.record.name}")
         app.stop()
         return app.record.name
@@ -306,6 +311,7 @@ class ControlPlane:
         def listening() -> None:
             (self.home / "server.pid").write_text(str(os.getpid()))
             log.info("warmboot server %s listening on %s (pid %d)", warmboot.__version__, sock, os.getpid())
+            self.scheduler.start()
 
         self.api.serve_forever(listening)
 
@@ -315,6 +321,7 @@ class ControlPlane:
             return
         self._stop.set()
         log.info("server stopping")
+        self.scheduler.stop()
         with self._lock:
             apps = list(self.apps.values())
         threads = [threading.Thread(target=a.stop) for a in apps]

@@ -44,6 +44,13 @@ class Concurrency:
 
 
 @dataclass(frozen=True)
+class Batching:
+    max_batch_size: int
+    wait_ms: int
+    method: str | None = None  #: a class's one batched method
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     kind: Literal["function", "cls"]
     options: dict[str, Any]
@@ -52,6 +59,9 @@ class FunctionSpec:
     secrets: list[SecretRef] = field(default_factory=list)
     lifecycle: Lifecycle | None = None
     concurrency: Concurrency | None = None  #: ``@modal.concurrent``
+    parameters: dict[str, dict[str, Any]] | None = None  #: ``modal.parameter()`` declarations (a class's)
+    batching: Batching | None = None  #: ``@modal.batched``
+    schedule: dict[str, Any] | None = None  #: ``schedule=modal.Period(...)`` / ``modal.Cron(...)``, as plain data
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,36 @@ def check(app_name: str, spec: dict[str, Any]) -> AppSpec:
             from warmboot.sdk.concurrency import concurrent
 
             concurrent(max_inputs=fspec.concurrency.max_inputs, target_inputs=fspec.concurrency.target_inputs)
+        if fspec.batching is not None:
+            _check_batching(label, fspec)
+        if fspec.parameters:
+            from warmboot.sdk.parameter import check_declarations
+
+            if fspec.kind != "cls":
+                raise InvalidOptionError(f"{label}: only classes take modal.parameter()s")
+            check_declarations(label, fspec.parameters)
+        if fspec.schedule is not None:
+            from warmboot.sdk.schedule import check_spec
+
+            if fspec.kind == "cls" or fspec.batching is not None:
+                raise InvalidOptionError(f"{label}: only an @app.function with no arguments takes a schedule")
+            check_spec(f"{label}: schedule=", fspec.schedule)
         if fspec.kind == "cls" and fspec.lifecycle is None:
             raise InvalidOptionError(f"{label}: a class's spec needs its lifecycle (its @method()s)")
     return typed
+
+
+def _check_batching(label: str, fspec: FunctionSpec) -> None:
+    from warmboot.sdk.batching import batched
+
+    assert fspec.batching is not None
+    batched(max_batch_size=fspec.batching.max_batch_size, wait_ms=fspec.batching.wait_ms)  # the same ranges
+    if fspec.concurrency is not None:
+        raise InvalidOptionError(f"{label}: @modal.batched and @modal.concurrent do not combine")
+    method = fspec.batching.method
+    if fspec.kind == "cls":
+        methods = fspec.lifecycle.methods if fspec.lifecycle is not None else []
+        if method is None or methods != [method]:
+            raise InvalidOptionError(f"{label}: a batched class has exactly one method, its batched one")
+    elif method is not None:
+        raise InvalidOptionError(f"{label}: a batched function names no method")
