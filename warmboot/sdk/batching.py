@@ -81,3 +81,36 @@ def check_batchable(f: Callable[..., Any]) -> None:
 def batching_of(target: Any) -> dict[str, Any] | None:
     """What ``@modal.batched`` set on a function, if anything."""
     return getattr(target, BATCHING_ATTR, None)
+
+
+def batching_spec(target: Any, *, concurrency: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The batching of an ``@app.function`` function or ``@app.cls`` class, as plain data for the spec.
+
+    A class may have one batched method and no other ``@method``: its containers take inputs in batches, and a
+    batch must be of one method. Batching and ``@modal.concurrent`` do not mix (a batch is already many inputs).
+    """
+    if isinstance(target, type):
+        batched = {name: b for name, m in vars(target).items() if (b := batching_of(m)) is not None}
+        if not batched:
+            return None
+        from warmboot.sdk.partial import lifecycle
+
+        methods = lifecycle(target)["methods"]
+        if len(batched) > 1 or len(methods) > 1:
+            raise InvalidOptionError(
+                f"{target.__name__}: a class with a @modal.batched method can have no other methods "
+                f"(it has {', '.join(methods)}); put the others in a class of their own"
+            )
+        ((method, spec),) = batched.items()
+        spec = {**spec, "method": method}
+    else:
+        spec = batching_of(target)
+        if spec is None:
+            return None
+        spec = {**spec, "method": None}
+    if concurrency is not None:
+        raise InvalidOptionError(
+            f"{getattr(target, '__name__', target)}: @modal.batched and @modal.concurrent do not combine; "
+            "a batch already runs many inputs at once, so drop one of them"
+        )
+    return spec

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from warmboot.sdk.batching import BATCHING_ATTR
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 ENTER_ATTR = "_warmboot_enter"  # value: {"snap": bool}
@@ -54,6 +56,7 @@ def lifecycle(user_cls: type) -> dict[str, list[str]]:
             found["enter_snap" if info["snap"] else "enter"].append(name)
         if getattr(member, EXIT_ATTR, False):
             found["exit"].append(name)
-        if getattr(member, METHOD_ATTR, False):
+        # A @modal.batched method is a method too (Modal's classes mark it with @batched alone).
+        if getattr(member, METHOD_ATTR, False) or hasattr(member, BATCHING_ATTR):
             found["methods"].append(name)
     return found

@@ -301,7 +301,7 @@ class FunctionContainer:
 
     def call_batch(
         self, calls: Sequence[tuple[str, bytes]], method: str | None, timeout: float
-    ) -> list[Outcome | WarmbootError]:
+    ) -> list[Outcome]:
         """Run calls of a ``@batched`` function as one input; each call's outcome, in order.
 
         A timeout or a dead container ends every call of the batch (raised); a reply for a call that is not in
@@ -313,7 +313,7 @@ class FunctionContainer:
                 raise self._broken
             for call_id, _ in calls:
                 inboxes[call_id] = self._inboxes[call_id] = queue.SimpleQueue()
-        outcomes: list[Outcome | WarmbootError] = []
+        outcomes: list[Outcome] = []
         try:
             self._send(
                 wire.BatchInput(
