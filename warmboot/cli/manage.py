@@ -49,8 +49,12 @@ def app_list() -> None:
         warmboot app list
     """
     rows = client.request("app_list")
-    table = Table("name", "app id", "state", "version", "functions", "containers", "created")
+    table = Table("name", "app id", "state", "version", "functions", "containers", "created", "next scheduled run")
     for r in rows:
+        # One line per scheduled function: "f: 2026-01-01 09:00:00 (every 1d)"; the times are local, as "created".
+        scheduled = "\n".join(
+            f"{s['function']}: {timestamp(s['next_tick'])} ({s['schedule']})" for s in r.get("schedules") or []
+        )
         table.add_row(
             r["name"],
             r["app_id"],
@@ -59,6 +63,7 @@ def app_list() -> None:
             ", ".join(r["functions"]),
             str(r["containers"]),
             timestamp(r["created_at"]),
+            scheduled or "-",
         )
     console.print(table)
 

@@ -33,6 +33,15 @@ CREATE TABLE IF NOT EXISTS secrets (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schedules (  -- one per scheduled function of a running app (server/scheduler.py)
+    app_id TEXT NOT NULL,
+    tag TEXT NOT NULL,
+    anchor REAL NOT NULL,           -- when the schedule began (the deploy): a Period counts from here
+    next_tick REAL NOT NULL,        -- the next time it is due
+    last_tick REAL,                 -- the last tick it ran
+    last_call_id TEXT,
+    PRIMARY KEY (app_id, tag)
+);
 """
 
 
@@ -46,6 +55,18 @@ class AppRecord:
     code_dir: str
     app_file: str
     created_at: float
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    """A scheduled function's persisted state: its next tick survives a server restart."""
+
+    app_id: str
+    tag: str
+    anchor: float
+    next_tick: float
+    last_tick: float | None = None
+    last_call_id: str | None = None
 
 
 class State:
@@ -144,6 +165,28 @@ class State:
         for app_id in ids:
             self.stop_app(app_id)
         return ids
+
+    # ----- schedules (server/scheduler.py) ----------------------------------------------------------
+
+    def schedule_rows(self) -> list[ScheduleRow]:
+        return [ScheduleRow(*r) for r in self._rows(f"SELECT {self._SCHEDULE_COLS} FROM schedules")]
+
+    _SCHEDULE_COLS = "app_id, tag, anchor, next_tick, last_tick, last_call_id"
+
+    def put_schedule(self, row: ScheduleRow) -> None:
+        """Record a schedule's state (one transaction)."""
+        self._rows(
+            f"INSERT OR REPLACE INTO schedules ({self._SCHEDULE_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+            row.app_id,
+            row.tag,
+            row.anchor,
+            row.next_tick,
+            row.last_tick,
+            row.last_call_id,
+        )
+
+    def delete_schedule(self, app_id: str, tag: str) -> None:
+        self._rows("DELETE FROM schedules WHERE app_id = ? AND tag = ?", app_id, tag)
 
     # ----- secrets ---------------------------------------------------------------------------------
 
