@@ -3,6 +3,7 @@
 Written for Modal? ``import warmboot as modal`` and the rest of your app stays as it is.
 """
 
+from warmboot import exception, functions
 from warmboot.errors import WarmbootError
 from warmboot.sdk.app import App
 from warmboot.sdk.batching import batched
@@ -11,6 +12,8 @@ from warmboot.sdk.function import Cls, Function, FunctionCall
 from warmboot.sdk.image import Image
 from warmboot.sdk.parameter import parameter
 from warmboot.sdk.partial import enter, exit, method
+from warmboot.sdk.retries import Retries
+from warmboot.sdk.running import current_function_call_id, enable_output, is_local
 from warmboot.sdk.schedule import Cron, Period
 from warmboot.sdk.secret import Secret
 from warmboot.sdk.volume import Volume
@@ -24,13 +27,19 @@ __all__ = [
     "FunctionCall",
     "Image",
     "Period",
+    "Retries",
     "Secret",
     "Volume",
     "WarmbootError",
     "batched",
     "concurrent",
+    "current_function_call_id",
+    "enable_output",
     "enter",
+    "exception",
     "exit",
+    "functions",
+    "is_local",
     "method",
     "parameter",
 ]

@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+import contextlib
+import inspect
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from warmboot.cli import appfile
-from warmboot.cli.deploy import push
 from warmboot.cli.manage import printable
 from warmboot.errors import WarmbootError
-from warmboot.sdk import client
 from warmboot.sdk.function import Function
+from warmboot.sdk.running import ephemeral
 
 console = Console(stderr=True)
-
-
-def _stream_logs(app_id: str, stop: threading.Event) -> None:
-    try:
-        for event in client.stream("logs", app=app_id, from_end=True, follow=True):
-            if "line" in event:
-                console.print(printable(event["line"]), highlight=False, markup=False, soft_wrap=True)
-            if stop.is_set():
-                return
-    except WarmbootError:
-        return
 
 
 def run(
@@ -64,20 +53,20 @@ def run(
         raise WarmbootError(f"{file} has several local entrypoints; pick one: {file}::NAME")
     else:
         raise WarmbootError(f"{file} has no @app.local_entrypoint(); name a function to call: {file}::NAME")
-    result = push(path, app, name=app.name or path.stem, ephemeral=True)
+    with contextlib.ExitStack() as running:
+        with console.status(f"Deploying {path.name} ...") as status:
 
-    app._app_id = result["app_id"]
-    stop = threading.Event()
-    streamer = threading.Thread(target=_stream_logs, args=(result["app_id"], stop), daemon=True)
-    streamer.start()
-    try:
+            def deploying(line: str) -> None:
+                console.print(f"[dim]{escape(line)}[/dim]", highlight=False, soft_wrap=True)
+                status.update(line[:100])
+
+            running.enter_context(ephemeral(app, path, on_log=deploying, on_line=_show_line))
         value = fn()
+        if inspect.iscoroutine(value):  # an `async def` entrypoint: run it on an event loop of its own
+            value = asyncio.run(value)
         if value is not None:
             print(value)
-    finally:
-        try:
-            client.request("app_stop", app=result["app_id"])
-        except WarmbootError as exc:
-            console.print(f"[yellow]Warning:[/yellow] could not stop the app: {escape(str(exc))}")
-        time.sleep(0.3)  # the containers are stopped and their output written: let the last lines through
-        stop.set()
+
+
+def _show_line(line: str) -> None:
+    console.print(printable(line), highlight=False, markup=False, soft_wrap=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 from warmboot import validation
@@ -101,6 +102,25 @@ class App:
             return f
 
         return wrap(_f) if _f is not None else wrap
+
+    def run(self) -> AbstractContextManager[App]:
+        """Run the app for a ``with`` block, as ``warmboot run`` does (an ephemeral app, stopped at the end).
+
+        Example::
+
+            if __name__ == "__main__":
+                with modal.enable_output(), app.run():
+                    print(square.remote(4))
+        """
+        from warmboot.sdk.running import run_app
+
+        return run_app(self)
+
+    def deploy(self, *, name: str | None = None) -> App:
+        """Deploy the app (as ``warmboot deploy FILE`` does): its functions stay callable by name."""
+        from warmboot.sdk.running import deploy_app
+
+        return deploy_app(self, name)
 
     def spec(self) -> dict[str, Any]:
         """What the server needs to deploy this app: each function's options, as plain data."""

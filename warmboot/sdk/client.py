@@ -166,10 +166,10 @@ def _pickle_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bytes:
             try:
                 cloudpickle.dumps(value)
             except Exception:  # noqa: BLE001
-                raise errors.InvalidOptionError(
+                raise errors.SerializationError(
                     f"argument {name} ({type(value).__name__}) cannot be pickled: {exc}"
                 ) from exc
-        raise errors.InvalidOptionError(f"the arguments cannot be pickled: {exc}") from exc
+        raise errors.SerializationError(f"the arguments cannot be pickled: {exc}") from exc
 
 
 def unpack_outcome(outcome: protocol.Outcome) -> Any:
@@ -177,7 +177,13 @@ def unpack_outcome(outcome: protocol.Outcome) -> Any:
     import cloudpickle
 
     if outcome.ok:
-        return cloudpickle.loads(outcome.value or b"")
+        try:
+            return cloudpickle.loads(outcome.value or b"")
+        except Exception as exc:
+            raise errors.DeserializationError(
+                f"the call's result cannot be unpickled here: {type(exc).__name__}: {exc}; install locally what "
+                "the result's type needs (the module it comes from), or return plain data"
+            ) from exc
     remote_tb = outcome.traceback
     exc: BaseException | None = None
     if outcome.exception is not None:
@@ -231,5 +237,7 @@ def submit(target: dict[str, Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 def get_result(call_id: str, timeout: float | None) -> Any:
     reply = request(protocol.Get(call_id=call_id, timeout=protocol.wait_seconds("FunctionCall.get", timeout)))
     if reply is None:
-        raise TimeoutError(f"call {call_id} has not finished within {timeout} s")
+        raise errors.OutputTimeoutError(
+            f"call {call_id} has not finished within {timeout} s (it goes on running; .get() again to wait more)"
+        )
     return unpack_outcome(protocol.to_outcome(reply))

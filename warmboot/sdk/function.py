@@ -6,6 +6,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from warmboot.errors import InvalidOptionError, NotFoundError
+from warmboot.sdk import mapping
+from warmboot.sdk.aio import aio_method
 from warmboot.sdk.partial import lifecycle
 
 if TYPE_CHECKING:
@@ -13,10 +15,15 @@ if TYPE_CHECKING:
 
 
 class FunctionCall:
-    """A call started with ``.spawn()``; ``.get()`` waits for its result."""
+    """A call started with ``.spawn()`` (or the inputs of a ``.spawn_map()``): ``.get()`` waits for its result.
 
-    def __init__(self, call_id: str):
-        self.object_id = call_id
+    ``.object_id`` names it for :meth:`from_id`, in another process or after a server restart.
+    """
+
+    def __init__(self, call_ids: str | list[str]):
+        self._call_ids = [call_ids] if isinstance(call_ids, str) else list(call_ids)
+        #: The call's id ("fc-..."); a ``.spawn_map()`` handle's ids joined with commas.
+        self.object_id = ",".join(self._call_ids)
 
     def __repr__(self) -> str:
         return f"FunctionCall({self.object_id!r})"
@@ -25,18 +32,87 @@ class FunctionCall:
     def from_id(cls, function_call_id: str) -> FunctionCall:
         """The call with this id (``.object_id`` of a spawned call), e.g. from another process or after a
         server restart: its ``.get()`` returns the result, or says why there is none."""
-        if not isinstance(function_call_id, str) or not function_call_id.startswith("fc-"):
+        ids = function_call_id.split(",") if isinstance(function_call_id, str) else [function_call_id]
+        if not all(isinstance(i, str) and i.startswith("fc-") for i in ids):
             raise InvalidOptionError(
                 f"FunctionCall.from_id: {function_call_id!r} is not a call id (they look like 'fc-0123abcd...', "
                 "the .object_id of a spawned call)"
             )
-        return cls(function_call_id)
+        return cls(ids)
 
-    def get(self, timeout: float | None = None) -> Any:
-        """The call's result (or its exception, re-raised); ``TimeoutError`` if not done within ``timeout``."""
+    def num_inputs(self) -> int:
+        """How many inputs this handle covers: 1 for ``.spawn()``, the number of inputs for ``.spawn_map()``."""
+        return len(self._call_ids)
+
+    @aio_method
+    def get(self, timeout: float | None = None, *, index: int = 0) -> Any:
+        """The result of input ``index`` (0 for a ``.spawn()``), or its exception re-raised.
+
+        Waits up to ``timeout`` seconds (``None``: as long as it takes; 0: only look), then raises
+        :class:`~warmboot.errors.OutputTimeoutError` (a ``TimeoutError``; the call goes on running).
+        """
         from warmboot.sdk import client
 
-        return client.get_result(self.object_id, timeout)
+        return client.get_result(self._input(index), timeout)
+
+    @aio_method(iterates=True)
+    def iter(self, *, start: int = 0, end: int | None = None) -> Iterator[Any]:
+        """The results of inputs ``start`` to ``end`` (exclusive; default: all), in input order."""
+        from warmboot.sdk import client
+
+        stop = len(self._call_ids) if end is None else end
+        ids = [self._input(i) for i in range(start, stop)]
+        for call_id in ids:
+            yield client.get_result(call_id, None)
+
+    @aio_method
+    def cancel(self, terminate_containers: bool = False) -> None:
+        """Cancel the call (every input of a ``.spawn_map()``): ``.get()`` then raises
+        :class:`~warmboot.exception.InputCancellation`.
+
+        An input still queued ends at once. A running one ends too, and the container running it is stopped
+        (killed: a container cannot drop one input halfway), whatever ``terminate_containers`` says; other inputs
+        that container ran at the same time are retried, or fail, as after a crash. A finished call is left as
+        it is.
+        """
+        from warmboot import protocol
+        from warmboot.sdk import client
+
+        for call_id in self._call_ids:
+            client.request(protocol.Cancel(call_id=call_id, terminate_containers=bool(terminate_containers)))
+
+    @aio_method(static=True)
+    def gather(*function_calls: FunctionCall) -> list[Any]:
+        """Wait for every call; their results in the order given. The first call (in that order) that failed
+        raises its error, once all have finished."""
+        return gather(*function_calls)
+
+    def _input(self, index: int) -> str:
+        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(self._call_ids):
+            raise InvalidOptionError(
+                f"FunctionCall.get(index={index!r}): this call has {len(self._call_ids)} input(s), so index is "
+                f"0{'' if len(self._call_ids) == 1 else f' to {len(self._call_ids) - 1}'}"
+            )
+        return self._call_ids[index]
+
+
+def gather(*function_calls: FunctionCall) -> list[Any]:
+    """``FunctionCall.gather``: every call's result, in order; raises the first failed call's error (in the
+    order given) once all have finished, as Modal does."""
+    for fc in function_calls:
+        if not isinstance(fc, FunctionCall):
+            raise InvalidOptionError(f"FunctionCall.gather() takes FunctionCalls (from .spawn()), got {fc!r}")
+    results: list[Any] = []
+    first_error: BaseException | None = None
+    for fc in function_calls:
+        try:
+            results.append(fc.get())
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the others finished
+            results.append(None)
+            first_error = first_error or exc
+    if first_error is not None:
+        raise first_error
+    return results
 
 
 class _Invocable:
@@ -64,26 +140,72 @@ class _Invocable:
         """Parameter values and ``with_options`` overrides, when the call goes to a variant's own pool."""
         return {}
 
+    @aio_method
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Run in a container and return the result (an exception in the container re-raises here)."""
         from warmboot.sdk import client
 
         return client.call(self._target(), args, kwargs)
 
+    @aio_method(iterates=True)
+    def remote_gen(self, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        """Run a generator function in a container: each value it yields, as it yields it (then its error, if
+        it raised)."""
+        from warmboot.sdk import client
+
+        yield from client.call_gen(self._target(), args, kwargs)
+
+    @aio_method
     def spawn(self, *args: Any, **kwargs: Any) -> FunctionCall:
         """Start a call in a container without waiting; returns a handle with ``.get(timeout=)``."""
         from warmboot.sdk import client
 
         return FunctionCall(client.submit(self._target(), args, kwargs))
 
-    def map(self, *iterables: Iterable[Any]) -> Iterator[Any]:
-        """Call once per item (zipped across iterables), in parallel; yields results in input order."""
-        from warmboot.sdk import client
+    @aio_method(iterates=True)
+    def map(
+        self,
+        *input_iterators: Iterable[Any],
+        kwargs: dict[str, Any] | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+        wrap_returned_exceptions: bool = True,
+    ) -> Iterator[Any]:
+        """Call once per input (the iterators zipped, like ``map``), in parallel; yields each result.
 
-        target = self._target()
-        call_ids = [client.submit(target, args, {}) for args in zip(*iterables, strict=False)]
-        for call_id in call_ids:
-            yield client.get_result(call_id, None)
+        ``kwargs``: passed to every call. ``order_outputs=False``: results as they finish, not in input order.
+        ``return_exceptions=True``: a failed input yields its exception instead of raising it (the exception
+        itself: ``wrap_returned_exceptions`` is accepted and ignored, as in Modal 1.x).
+        """
+        return mapping.run(self, zip(*input_iterators, strict=False), kwargs, order_outputs, return_exceptions)
+
+    @aio_method(iterates=True)
+    def starmap(
+        self,
+        input_iterator: Iterable[Iterable[Any]],
+        *,
+        kwargs: dict[str, Any] | None = None,
+        order_outputs: bool = True,
+        return_exceptions: bool = False,
+        wrap_returned_exceptions: bool = True,
+    ) -> Iterator[Any]:
+        """Like :meth:`map`, with each input a tuple of arguments: ``f.starmap([(1, 2), (3, 4)])``."""
+        return mapping.run(self, (tuple(a) for a in input_iterator), kwargs, order_outputs, return_exceptions)
+
+    @aio_method
+    def for_each(
+        self, *input_iterators: Iterable[Any], kwargs: dict[str, Any] | None = None, ignore_exceptions: bool = False
+    ) -> None:
+        """Like :meth:`map`, for the side effects: waits for every input; raises the first failure unless
+        ``ignore_exceptions``."""
+        for _ in mapping.run(self, zip(*input_iterators, strict=False), kwargs, False, ignore_exceptions):
+            pass
+
+    @aio_method
+    def spawn_map(self, *input_iterators: Iterable[Any], kwargs: dict[str, Any] | None = None) -> FunctionCall:
+        """Start one call per input without waiting; returns one handle for all of them:
+        ``.get(index=i)``, ``.iter()``, ``.num_inputs()``, ``.cancel()``."""
+        return FunctionCall(mapping.submit_all(self, zip(*input_iterators, strict=False), kwargs))
 
 
 class Function(_Invocable):
