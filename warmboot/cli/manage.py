@@ -11,6 +11,7 @@ import time
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from warmboot import config, errors
@@ -94,7 +95,8 @@ def container_list() -> None:
     rows = client.request("container_list")
     table = Table("container", "app", "function", "pid", "calls", "started")
     for r in rows:
-        table.add_row(r["id"], r["app"], r["function"], str(r["pid"]), str(r["calls"]), timestamp(r["started_at"]))
+        function = escape(r["function"])  # a parameter set's values are the user's text, not markup
+        table.add_row(r["id"], r["app"], function, str(r["pid"]), str(r["calls"]), timestamp(r["started_at"]))
     console.print(table)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from warmboot.cli.manage import console, timestamp
@@ -27,7 +28,7 @@ def snapshot_list() -> None:
     table = Table("function", "key", "state", "size", "created", "made in", "restores", "last restore", "note")
     for r in rows:
         table.add_row(
-            f"{r['app_name']}.{r['tag']}",
+            escape(f"{r['app_name']}.{r['tag']}"),  # a parameter set's values are the user's text
             r["key"][:12],
             r["state"],
             f"{r['size_bytes'] / 1e6:.0f} MB" if r["size_bytes"] else "-",

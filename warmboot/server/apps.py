@@ -59,12 +59,12 @@ class Variant:
         return f"{self.tag}#{parameters.variant_id(self.parameters, self.overrides)}"
 
     def describe(self) -> str:
-        """``Model(size='large')``, ``Model[with_options]``: how logs, labels and snapshot lists show it."""
+        """``Model(size='large')``, ``f.with_options(timeout)``: how logs, labels and snapshot lists show it."""
         text = self.tag
         if self.parameters is not None:
             text += f"({parameters.describe(self.parameters)})"
         if self.overrides:
-            text += "[with_options " + ",".join(sorted(self.overrides)) + "]"
+            text += ".with_options(" + ",".join(sorted(self.overrides)) + ")"
         return text
 
     def to_json(self) -> str:
@@ -97,7 +97,14 @@ def variant_snapshot_key(base: str, variant: Variant) -> str:
     if variant.parameters is None:
         return base
     material = base + "|parameters:" + parameters.encode(variant.parameters)
-    return hashlib.sha256(material.encode()).hexdigest()[:32]
+    # Half the base key, half the parameters' digest: a redeploy that keeps the function's key keeps the
+    # snapshots of its parameter sets too (``variant_of``), without knowing which sets were ever called.
+    return base[:16] + hashlib.sha256(material.encode()).hexdigest()[:16]
+
+
+def variant_of(key: str, base_keys: set[str]) -> bool:
+    """Whether snapshot ``key`` is one of ``base_keys`` or a parameter set's snapshot of one of them."""
+    return key in base_keys or key[:16] in {k[:16] for k in base_keys}
 
 
 class RunningApp:

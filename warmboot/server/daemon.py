@@ -34,7 +34,7 @@ from warmboot.errors import (
 from warmboot.server import deploy as deploys
 from warmboot.server import scheduler as schedules
 from warmboot.server.api import ApiServer
-from warmboot.server.apps import RunningApp
+from warmboot.server.apps import RunningApp, variant_of
 from warmboot.server.calls import Call, CallBook
 from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.logs import LogBook
@@ -139,6 +139,7 @@ class ControlPlane:
             for tag, fspec in record.spec["functions"].items()
             if fspec["options"]["enable_memory_snapshot"]
         }
+        keep |= {r.key for r in self.snapshots.list() if r.app_name == record.name and variant_of(r.key, keep)}
         for key in self.snapshots.retain_only(record.name, keep):
             app.event(f"Deleted memory snapshot {key[:12]}: the new version changes what it holds")
 
