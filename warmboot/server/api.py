@@ -132,6 +132,8 @@ class ApiServer:
         if op == "get":
             timeout = protocol.wait_seconds("FunctionCall.get", request.timeout)
             call = await self._blocking(self.plane.calls.get, request.call_id)
+            if call.done.is_set():
+                return call.outcome  # get(timeout=0) polls: wait_for(..., 0) would time out before looking
             try:
                 await asyncio.wait_for(self._finished(call), timeout)
             except TimeoutError:

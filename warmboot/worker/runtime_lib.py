@@ -40,7 +40,16 @@ _ETC = {
 
 #: What of warmboot a container imports: the SDK, the runtime and what they use. Only these go into the runtime
 #: layer, so only a change to them makes new snapshot keys (the server, CLI and worker are not in a container).
-CONTAINER_PARTS = ("__init__.py", "config.py", "errors.py", "validation.py", "sdk", "runtime")
+CONTAINER_PARTS = (
+    "__init__.py",
+    "config.py",
+    "errors.py",
+    "exception.py",
+    "functions.py",
+    "validation.py",
+    "sdk",
+    "runtime",
+)
 
 
 def _files(root: Path, parts: tuple[str, ...] | None) -> list[Path]:
