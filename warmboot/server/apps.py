@@ -97,14 +97,15 @@ def variant_snapshot_key(base: str, variant: Variant) -> str:
     if variant.parameters is None:
         return base
     material = base + "|parameters:" + parameters.encode(variant.parameters)
-    # Half the base key, half the parameters' digest: a redeploy that keeps the function's key keeps the
-    # snapshots of its parameter sets too (``variant_of``), without knowing which sets were ever called.
-    return base[:16] + hashlib.sha256(material.encode()).hexdigest()[:16]
+    # Half the parameters' digest (first: key prefixes, as `snapshot list` shows them, tell the sets apart),
+    # half the function's key: a redeploy that keeps the function's key keeps the snapshots of its parameter
+    # sets too (``variant_of``), without knowing which sets were ever called.
+    return hashlib.sha256(material.encode()).hexdigest()[:16] + base[:16]
 
 
 def variant_of(key: str, base_keys: set[str]) -> bool:
     """Whether snapshot ``key`` is one of ``base_keys`` or a parameter set's snapshot of one of them."""
-    return key in base_keys or key[:16] in {k[:16] for k in base_keys}
+    return key in base_keys or key[16:] in {k[:16] for k in base_keys}
 
 
 class RunningApp:
