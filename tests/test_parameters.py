@@ -11,7 +11,9 @@ containers do, and bad parameters or options are refused with errors that name t
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,10 +23,14 @@ import pytest
 from platform_helpers import WARMBOOT, Platform
 
 import warmboot as modal
-from warmboot.errors import InvalidOptionError
+from warmboot.errors import InvalidOptionError, ServerRestartedError, UnsupportedOptionError
+from warmboot.protocol import Target
 from warmboot.sdk import parameter
+from warmboot.server import apps as apps_module
 from warmboot.server import specs
-from warmboot.server.apps import Variant, variant_of, variant_snapshot_key
+from warmboot.server.apps import RunningApp, Variant, variant_of, variant_snapshot_key
+from warmboot.server.calls import CallBook
+from warmboot.server.state import AppRecord
 
 # ----- fast: the parameter rules ----------------------------------------------------------------------------
 
@@ -518,3 +524,77 @@ def test_bad_parameters_and_options_are_refused_clearly(platform: Platform, app:
     assert out["option"][0] == "InvalidOptionError" and "'min_containers' cannot be overridden" in out["option"][1]
     assert out["volume"][0] == "NotFoundError" and "no-such-volume-xyz" in out["volume"][1]
     assert out["ok"] == "hello ann", "the server still serves the app"
+
+
+# ----- fast: the server's variant pools -----------------------------------------------------------------------
+
+
+class _FakePool:
+    def __init__(self, key: str) -> None:
+        self.key, self.busy, self.stopped = key, False, threading.Event()
+        self.submitted: list[Any] = []
+
+    def counts(self) -> dict[str, int]:
+        return {"booting": 0, "running": int(self.busy), "idle": 0, "waiting": 0}
+
+    def submit(self, call: Any) -> None:
+        self.submitted.append(call)
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class _App(RunningApp):
+    """A RunningApp whose pools are fakes: what is checked is which pool a variant gets, and the cap."""
+
+    def _make_pool(self, tag: str, variant: Variant | None = None) -> Any:
+        return _FakePool(variant.key if variant else tag)
+
+
+def _running_app() -> _App:
+    spec = {
+        "functions": {
+            "M": {"kind": "cls", "options": {}, "parameters": {"size": {"type": "str", "default": "s"}}},
+            "f": {"kind": "function", "options": {}, "parameters": None},
+        }
+    }
+    record = AppRecord("ap-1", "app", "deployed", 1, spec, "/code", "app.py", 0.0)
+    return _App(None, record)  # type: ignore[arg-type] - no server: these variants need no volume or secret
+
+
+def test_the_server_routes_each_variant_to_its_own_pool() -> None:
+    app = _running_app()
+    default, large = app.variant("M", None), app.variant("M", {"size": "large"})
+    assert default.parameters == {"size": "s"} and default.key == app.variant("M", {"size": "s"}).key
+    assert app.variant_pool(default) is app.variant_pool(app.variant("M", {}))
+    assert app.variant_pool(large) is not app.variant_pool(default)
+    assert app.variant("f").key == "f" and app.variant("f", None, {"timeout": 9}).key.startswith("f#")
+    with pytest.raises(InvalidOptionError, match=r"app\.f is a function: it takes no modal\.parameter"):
+        app.variant("f", {"x": 1})
+    with pytest.raises(InvalidOptionError, match=r"parameter 'size' must be a str"):
+        app.variant("M", {"size": 1})
+
+
+def test_a_recorded_variant_comes_back_to_the_same_pool() -> None:
+    app = _running_app()
+    variant = app.variant("M", {"size": "x"}, {"timeout": 30})
+    assert app.variant_from_json("M", variant.to_json()) == variant
+    assert app.variant_from_json("M", None) == Variant("M")
+    book = CallBook(sqlite3.connect(":memory:", check_same_thread=False), threading.Lock())
+    call = book.accept(Target(tag="M", method="m"), "ap-1", b"", detached=True, variant=variant.to_json())
+    (queued,), _ = book.recover(ServerRestartedError("restart"))
+    assert queued.call_id == call.call_id and app.variant_from_json(queued.tag, queued.variant) == variant
+
+
+def test_variant_pools_are_capped_and_idle_ones_dropped_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(apps_module, "MAX_VARIANT_POOLS", 2)
+    app = _running_app()
+    first, second = (app.variant_pool(app.variant("M", {"size": s})) for s in ("a", "b"))
+    first.busy = True
+    third = app.variant_pool(app.variant("M", {"size": "c"}))
+    assert second.stopped.is_set() and not first.stopped.is_set(), "the idle variant's pool went, the busy one stayed"
+    assert app.variant_pool(app.variant("M", {"size": "a"})) is first
+    third.busy = True
+    with pytest.raises(UnsupportedOptionError, match=r"already runs 2 variants .* WARMBOOT_MAX_VARIANT_POOLS"):
+        app.variant_pool(app.variant("M", {"size": "d"}))
+    assert app.pool("f") is app.pools["f"], "deployed pools do not count against the cap"

@@ -30,6 +30,7 @@ from warmboot.errors import (
     NotFoundError,
     ServerError,
     ServerRestartedError,
+    UnsupportedOptionError,
 )
 from warmboot.server import deploy as deploys
 from warmboot.server import scheduler as schedules
@@ -184,7 +185,11 @@ class ControlPlane:
         variant = app.variant(target.tag, target.parameters, target.options)
         recorded = variant.to_json() if variant.key != variant.tag else None
         call = self.calls.accept(target, app.record.app_id, args, detached=detached, on_item=on_item, variant=recorded)
-        app.submit(variant, call)
+        try:
+            app.submit(variant, call)
+        except (NotFoundError, UnsupportedOptionError) as exc:  # no pool for it (too many variants busy)
+            call.fail(exc)  # recorded: it must end, not wait in the database forever
+            raise
         return call
 
     def _enqueue(self, call: Call) -> None:
