@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import datetime
 import re
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -346,6 +348,35 @@ def test_a_deployed_period_runs_survives_a_restart_and_stops_with_the_app(platfo
         assert _beats(volume) == stopped_at, "a scheduled run happened after `warmboot app stop`"
         time.sleep(0.1)
     assert name not in platform.cli("app", "list").stdout
+
+
+def test_a_schedule_runs_while_app_run_is_active_and_ends_with_it(platform: Platform) -> None:
+    name = f"sched-run-{uuid.uuid4().hex[:8]}"
+    volume = platform.home / "volumes" / f"{name}-beats"
+    script = platform.write_app(
+        name.replace("-", "_"),
+        SOURCE.format(app=name, volume=f"{name}-beats")
+        + f"""
+
+if __name__ == "__main__":
+    with app.run():
+        deadline = time.monotonic() + 180
+        while not os.path.exists({str(volume / "beats")!r}) or len(open({str(volume / "beats")!r}).readlines()) < 2:
+            assert time.monotonic() < deadline, "the schedule did not run twice"
+            time.sleep(0.05)
+    print("ran twice", flush=True)
+""",
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], env=platform.env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert proc.returncode == 0 and "ran twice" in proc.stdout, proc.stdout + proc.stderr
+    assert name not in platform.cli("app", "list").stdout, "the ephemeral app (and its schedule) ended"
+    ended = _beats(volume)
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert _beats(volume) == ended, "a scheduled run happened after app.run() ended"
+        time.sleep(0.1)
 
 
 def test_an_invalid_cron_string_is_refused_at_deploy(platform: Platform) -> None:

@@ -255,9 +255,9 @@ class Scheduler:
     def sync(self) -> None:
         """Match the schedules to the running apps: a new app's begin now (or resume from the state table
         after a restart), a stopped or replaced app's end. Called on every deploy, stop and start."""
-        apps = self._apps()
-        now = self._clock()
-        with self._lock:
+        with self._lock:  # apps() inside: two syncs (a deploy, a stop) must not apply stale lists out of order
+            apps = self._apps()
+            now = self._clock()
             stored = {(r.app_id, r.tag): r for r in self.state.schedule_rows()}
             wanted: dict[tuple[str, str], tuple[ScheduledApp, dict[str, Any]]] = {
                 (a.app_id, tag): (a, spec) for a in apps for tag, spec in a.schedules.items()
