@@ -417,3 +417,34 @@ def test_an_async_local_entrypoint_runs_under_warmboot_run(platform: Platform) -
     proc = platform.cli("run", str(path))
     assert "async results [8, 27]" in proc.stdout, proc.stdout + proc.stderr
     assert "never awaited" not in proc.stderr
+
+
+@pytest.mark.parametrize("how", ["warmboot run", "python"])
+def test_the_calls_and_maps_example_runs(platform: Platform, how: str) -> None:
+    example = Path(__file__).resolve().parent.parent / "examples" / "calls_and_maps.py"
+    if how == "python":  # its `if __name__ == "__main__":` block: app.run() with enable_output()
+        proc = subprocess.run(
+            [sys.executable, str(example)], env=platform.env, capture_output=True, text=True, timeout=300, check=False
+        )
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
+    else:
+        out = platform.cli("run", str(example), timeout=300).stdout
+    for line in (
+        "square(4) = 16",
+        "await square.remote.aio(5) = 25",
+        "asyncio.gather of .aio calls: [0, 1, 4, 9]",
+        "map: [0, 1, 4, 9, 16]",
+        "map with kwargs: [8, 27]",
+        "starmap: [32, 100]",
+        "return_exceptions: [1, ValueError('-2 is negative'), 3]",
+        "async map: [49, 64]",
+        "spawn_map: 3 inputs -> [100, 400, 900]",
+        "gather: [4, 9]",
+        "gather raised: -1 is negative",
+        "remote_gen: [3, 2, 1]",
+        "async remote_gen: [2, 1]",
+        "with retries: [0, 1, 2]",
+    ):
+        assert line in out, f"{line!r} not in:\n{out}"
+    assert "cancelled: call fc-" in out and "inside a container: {'local': False, 'call_id': 'fc-" in out, out
