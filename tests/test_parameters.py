@@ -503,6 +503,7 @@ def test_bad_parameters_and_options_are_refused_clearly(platform: Platform, app:
             "positional": lambda: Model("a"),
             "function": lambda: client.call({{**nap, "parameters": {{"x": 1}}}}, (0,), {{}}),
             "option": lambda: client.call({{**nap, "options": {{"min_containers": 3}}}}, (0,), {{}}),
+            "gpu": lambda: warmboot.Function.from_name({name!r}, "nap").with_options(gpu="h100:64").remote(0),
             "volume": lambda: warmboot.Function.from_name({name!r}, "nap").with_options(
                 volumes={{"/v": warmboot.Volume.from_name("no-such-volume-xyz")}}).remote(0),
         }}
@@ -523,6 +524,7 @@ def test_bad_parameters_and_options_are_refused_clearly(platform: Platform, app:
     assert out["function"][0] == "InvalidOptionError" and "takes no modal.parameter() values" in out["function"][1]
     assert out["option"][0] == "InvalidOptionError" and "'min_containers' cannot be overridden" in out["option"][1]
     assert out["volume"][0] == "NotFoundError" and "no-such-volume-xyz" in out["volume"][1]
+    assert out["gpu"][0] == "UnsupportedOptionError" and "h100" in out["gpu"][1], out["gpu"]
     assert out["ok"] == "hello ann", "the server still serves the app"
 
 
@@ -579,7 +581,7 @@ def test_a_recorded_variant_comes_back_to_the_same_pool() -> None:
     app = _running_app()
     variant = app.variant("M", {"size": "x"}, {"timeout": 30})
     assert app.variant_from_json("M", variant.to_json()) == variant
-    assert app.variant_from_json("M", None) == Variant("M")
+    assert app.variant_from_json("M", None) == app.variant("M", {}), "no record: the default parameter set"
     book = CallBook(sqlite3.connect(":memory:", check_same_thread=False), threading.Lock())
     call = book.accept(Target(tag="M", method="m"), "ap-1", b"", detached=True, variant=variant.to_json())
     (queued,), _ = book.recover(ServerRestartedError("restart"))

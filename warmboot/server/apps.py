@@ -170,7 +170,7 @@ class RunningApp:
     def variant_from_json(self, tag: str, text: str | None) -> Variant:
         """The variant a recovered call recorded (:meth:`Variant.to_json`), checked again."""
         if not text:
-            return Variant(tag)
+            return self.variant(tag)  # a parametrized class's default set (or an error naming what is missing)
         import json
 
         data = json.loads(text)
