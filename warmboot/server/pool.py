@@ -353,6 +353,8 @@ class FunctionPool:
                 return
             except ContainerCrashedError as exc:
                 for each in calls:
+                    if each.done.is_set():
+                        continue  # cancelled: its container was stopped for that (pool.cancel logged it)
                     self._event(f"{exc}; call {each.call_id} attempt {each.attempts} of {self.settings.retries + 1}")
                     self._retry_or_fail(each, exc)
                 return
