@@ -17,6 +17,7 @@ from warmboot.sdk.running import current_function_call_id, enable_output, is_loc
 from warmboot.sdk.schedule import Cron, Period
 from warmboot.sdk.secret import Secret
 from warmboot.sdk.volume import Volume
+from warmboot.sdk.web import asgi_app, fastapi_endpoint, web_endpoint, web_server, wsgi_app
 
 __version__ = "0.1.0"
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "Secret",
     "Volume",
     "WarmbootError",
+    "asgi_app",
     "batched",
     "concurrent",
     "current_function_call_id",
@@ -38,8 +40,12 @@ __all__ = [
     "enter",
     "exception",
     "exit",
+    "fastapi_endpoint",
     "functions",
     "is_local",
     "method",
     "parameter",
+    "web_endpoint",
+    "web_server",
+    "wsgi_app",
 ]

@@ -168,6 +168,33 @@ class ServerStop:
     pass
 
 
+@dataclass(frozen=True)
+class WebUrl:
+    """The URL of a function's (or a class method's) web endpoint."""
+
+    target: Target
+
+
+@dataclass(frozen=True)
+class WebList:
+    """Every web endpoint of the running apps, with its URL."""
+
+
+@dataclass(frozen=True)
+class TokenCreate:
+    """A new proxy auth token (for ``requires_proxy_auth=True`` endpoints); its secret is shown once."""
+
+
+@dataclass(frozen=True)
+class TokenList:
+    pass
+
+
+@dataclass(frozen=True)
+class TokenRm:
+    token_id: str
+
+
 #: Operation name -> its request type. Streaming operations answer with :class:`Reply` events first.
 REQUESTS: dict[str, type] = {
     "ping": Ping,
@@ -186,6 +213,11 @@ REQUESTS: dict[str, type] = {
     "snapshot_list": SnapshotList,
     "snapshot_rm": SnapshotRm,
     "server_stop": ServerStop,
+    "web_url": WebUrl,
+    "web_list": WebList,
+    "token_create": TokenCreate,
+    "token_list": TokenList,
+    "token_rm": TokenRm,
 }
 STREAMING = frozenset({"deploy", "logs"})
 

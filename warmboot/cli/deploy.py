@@ -49,3 +49,13 @@ def deploy(
         f"[green]Deployed[/green] app [bold]{result['name']}[/bold] version {result['version']}: "
         + ", ".join(result["functions"])
     )
+    show_web_endpoints(result)
+
+
+def show_web_endpoints(result: dict[str, Any]) -> None:
+    """One line per web endpoint of a deploy's reply: where it is served, and whether it needs a token."""
+    for endpoint in result.get("web_endpoints") or []:
+        where = endpoint["function"] + (f".{endpoint['method']}" if endpoint["method"] else "")
+        url = endpoint["url"] or "(the HTTP gateway is not running: see `warmboot server status`)"
+        auth = "  [dim](requires a proxy auth token)[/dim]" if endpoint["requires_proxy_auth"] else ""
+        console.print(f"  {escape(where)} => [cyan]{escape(url)}[/cyan]{auth}", highlight=False)

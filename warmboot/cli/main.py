@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from warmboot.cli import deploy, doctor, manage, run, snapshots
+from warmboot.cli import deploy, doctor, manage, run, snapshots, web
 from warmboot.errors import WarmbootError
 
 HELP = """\
@@ -33,6 +33,7 @@ Run [cyan]warmboot COMMAND --help[/cyan] for the details and an example of each 
 COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("run", run.run),
     ("deploy", deploy.deploy),
+    ("serve", web.serve),
     ("logs", manage.logs),
     ("doctor", doctor.doctor),
 ]
@@ -43,6 +44,8 @@ GROUPS: list[tuple[str, typer.Typer]] = [
     ("secret", manage.secrets),
     ("volume", manage.volumes),
     ("snapshot", snapshots.snapshots),
+    ("endpoint", web.endpoints),
+    ("token", web.tokens),
     ("server", manage.server),
 ]
 

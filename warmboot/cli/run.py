@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from warmboot.cli import appfile
+from warmboot.cli.deploy import show_web_endpoints
 from warmboot.cli.manage import printable
 from warmboot.errors import WarmbootError
 from warmboot.sdk.function import Function
@@ -60,7 +61,8 @@ def run(
                 console.print(f"[dim]{escape(line)}[/dim]", highlight=False, soft_wrap=True)
                 status.update(line[:100])
 
-            running.enter_context(ephemeral(app, path, on_log=deploying, on_line=_show_line))
+            result = running.enter_context(ephemeral(app, path, on_log=deploying, on_line=_show_line))
+        show_web_endpoints(result)
         value = fn()
         if inspect.iscoroutine(value):  # an `async def` entrypoint: run it on an event loop of its own
             value = asyncio.run(value)

@@ -18,6 +18,7 @@ from typing import Any
 
 from warmboot.runtime import wire
 from warmboot.runtime.executor import Executor
+from warmboot.runtime.web import WebHost
 
 CONTROL_IN_FD = 3
 CONTROL_OUT_FD = 4
@@ -115,8 +116,12 @@ def main() -> int:
     control_in = os.fdopen(CONTROL_IN_FD, "rb", buffering=0)
     control_out = os.fdopen(CONTROL_OUT_FD, "wb", buffering=0)
     try:
-        service = _Service(_load_target(os.environ["WARMBOOT_APP_FILE"], os.environ["WARMBOOT_TAG"]))
+        target = _load_target(os.environ["WARMBOOT_APP_FILE"], os.environ["WARMBOOT_TAG"])
+        service = _Service(target)
         executor = Executor(service.resolve, control_out, int(os.environ.get("WARMBOOT_MAX_CONCURRENT_INPUTS", "1")))
+        web = WebHost.for_target(executor, target)
+        if web is not None:
+            web.prewarm()
         service.run_hooks("enter_snap", executor)
     except BaseException:  # noqa: BLE001 - report any failure of user code, then stop
         wire.send_message(control_out, wire.InitError("import", traceback.format_exc()))
@@ -142,6 +147,13 @@ def main() -> int:
     except BaseException:  # noqa: BLE001
         wire.send_message(control_out, wire.InitError("enter", traceback.format_exc()))
         return 1
+    if web is not None:
+        try:
+            web.start(service.resolve)
+        except BaseException as exc:  # noqa: BLE001 - the endpoint cannot serve: say why, then stop
+            detail = f"{type(exc).__name__}: {exc}"
+            wire.send_message(control_out, wire.InitError("web", f"{traceback.format_exc()}\n{detail}"))
+            return 1
     wire.send_message(control_out, wire.Ready())
 
     while True:
@@ -153,6 +165,10 @@ def main() -> int:
             executor.submit(message)
         elif isinstance(message, wire.BatchInput):
             executor.submit_batch(message)
+        elif isinstance(message, wire.WebRequest) and web is not None:
+            web.handle(message)
+        elif isinstance(message, wire.WebReceive) and web is not None:
+            web.receive(message)
         else:
             break  # SHUTDOWN
     executor.drain()

@@ -104,6 +104,11 @@ class Executor:
             CALL_ID.reset(token)
         return [_success(call_id, value) for call_id, value in zip(batch.call_ids, result, strict=True)]
 
+    def track(self, future: Any) -> None:
+        """Count a background input (a web request) as in flight, so that :meth:`drain` waits for it."""
+        self._in_flight.add(future)
+        future.add_done_callback(self._in_flight.discard)
+
     def drain(self) -> None:
         """Wait for the inputs still running (before ``@exit`` hooks run)."""
         for future in list(self._in_flight):

@@ -28,10 +28,13 @@ READY = "ready"  # @enter(snap=False) done, waiting for inputs
 RESULT = "result"  # the outcome of one call
 ITEM = "item"  # one value yielded by a generator call, before its result
 INIT_ERROR = "init_error"  # import or an @enter hook failed; the runtime exits after sending it
+WEB_SEND = "web_send"  # one ASGI ``send`` event of a web request (response start, body, websocket frames)
 # worker -> runtime
 START = "start"  # continue after the snapshot point, with this container's identity and environment
 CALL = "call"
 BATCH = "batch"  # several calls of a @batched function, run as one
+WEB_REQUEST = "web_request"  # an HTTP request or websocket for a web endpoint (an ASGI scope and its first body)
+WEB_RECEIVE = "web_receive"  # a later ASGI ``receive`` event of that request (body chunks, disconnect, ws frames)
 SHUTDOWN = "shutdown"
 
 
@@ -123,13 +126,86 @@ class BatchInput:
 
 
 @dataclass(frozen=True)
+class WebRequest:
+    """One HTTP request or websocket for a web endpoint, as an ASGI connection: ``scope`` is its ASGI scope with
+    header names and values as latin-1 strings (JSON has no bytes); ``body`` is the first request body chunk.
+
+    The container answers with :class:`WebSend` events and then a :class:`Result` (the ASGI app returned)."""
+
+    TYPE: ClassVar[str] = WEB_REQUEST
+    call_id: str
+    scope: dict[str, Any]
+    body: bytes = b""
+    more_body: bool = False
+    method: str | None = None  #: a class's web method
+
+
+@dataclass(frozen=True)
+class WebReceive:
+    """An ASGI ``receive`` event for the request ``call_id``: ``http.request`` (more body), ``http.disconnect``,
+    ``websocket.receive`` (``body`` or ``text``) or ``websocket.disconnect``."""
+
+    TYPE: ClassVar[str] = WEB_RECEIVE
+    call_id: str
+    event: str
+    body: bytes = b""
+    text: str | None = None
+    more_body: bool = False
+    code: int | None = None
+
+
+@dataclass(frozen=True)
+class WebSend:
+    """An ASGI ``send`` event of the request ``call_id`` (fields as in the ASGI spec; headers as latin-1 strings)."""
+
+    TYPE: ClassVar[str] = WEB_SEND
+    call_id: str
+    event: str
+    status: int | None = None
+    headers: list[list[str]] | None = None
+    body: bytes = b""
+    text: str | None = None
+    more_body: bool = False
+    subprotocol: str | None = None
+    code: int | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
 class Shutdown:
     TYPE: ClassVar[str] = SHUTDOWN
 
 
-Message = SnapshotPoint | Ready | Result | Item | InitError | Start | CallInput | BatchInput | Shutdown
+Message = (
+    SnapshotPoint
+    | Ready
+    | Result
+    | Item
+    | InitError
+    | WebSend
+    | Start
+    | CallInput
+    | BatchInput
+    | WebRequest
+    | WebReceive
+    | Shutdown
+)
 MESSAGES: dict[str, type] = {
-    kind.TYPE: kind for kind in (SnapshotPoint, Ready, Result, Item, InitError, Start, CallInput, BatchInput, Shutdown)
+    kind.TYPE: kind
+    for kind in (
+        SnapshotPoint,
+        Ready,
+        Result,
+        Item,
+        InitError,
+        WebSend,
+        Start,
+        CallInput,
+        BatchInput,
+        WebRequest,
+        WebReceive,
+        Shutdown,
+    )
 }
 
 

@@ -16,6 +16,7 @@ from warmboot.sdk.image import Image
 from warmboot.sdk.partial import lifecycle
 from warmboot.sdk.secret import Secret
 from warmboot.sdk.volume import Volume
+from warmboot.sdk.web import default_label, web_spec
 
 
 class App:
@@ -148,8 +149,25 @@ class App:
                 "schedule": schedule.to_spec() if schedule is not None else None,
                 "concurrency": concurrency_of(target),
                 "batching": batching_spec(target, concurrency=concurrency_of(target)),
+                "web": web_spec(target),
             }
+        _check_web_labels(self.name, functions)
         return {"name": self.name, "functions": functions, "reseed_after_restore": self.reseed_after_restore}
+
+
+def _check_web_labels(app_name: str | None, functions: dict[str, dict[str, Any]]) -> None:
+    """Two endpoints of one app cannot share a label: it is their URL."""
+    seen: dict[str, str] = {}
+    for tag, fspec in functions.items():
+        for endpoint in fspec["web"] or []:
+            where = f"{tag}.{endpoint['method']}" if endpoint["method"] else tag
+            label = endpoint["label"] or default_label(app_name, tag, endpoint["method"])
+            if label in seen:
+                raise InvalidOptionError(
+                    f"web endpoints {seen[label]} and {where} both have the label {label!r}; "
+                    "give one of them another label= (the label is the endpoint's URL)"
+                )
+            seen[label] = where
 
 
 def _check_schedulable(f: Callable[..., Any], schedule: Any) -> None:

@@ -140,6 +140,13 @@ class _Invocable:
         """Parameter values and ``with_options`` overrides, when the call goes to a variant's own pool."""
         return {}
 
+    def get_web_url(self) -> str | None:
+        """The URL of this web endpoint (``@modal.fastapi_endpoint``, ``asgi_app``, ``wsgi_app``,
+        ``web_server``) on the server's HTTP gateway; ``None`` if it is not a web endpoint."""
+        from warmboot.sdk import client
+
+        return client.request("web_url", target=self._target())
+
     @aio_method
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Run in a container and return the result (an exception in the container re-raises here)."""

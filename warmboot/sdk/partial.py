@@ -6,6 +6,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from warmboot.sdk.batching import BATCHING_ATTR
+from warmboot.sdk.web import WEB_ATTR
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -56,7 +57,7 @@ def lifecycle(user_cls: type) -> dict[str, list[str]]:
             found["enter_snap" if info["snap"] else "enter"].append(name)
         if getattr(member, EXIT_ATTR, False):
             found["exit"].append(name)
-        # A @modal.batched method is a method too (Modal's classes mark it with @batched alone).
-        if getattr(member, METHOD_ATTR, False) or hasattr(member, BATCHING_ATTR):
+        # A @modal.batched or web method is a method too (Modal's classes mark them with that decorator alone).
+        if getattr(member, METHOD_ATTR, False) or hasattr(member, BATCHING_ATTR) or hasattr(member, WEB_ATTR):
             found["methods"].append(name)
     return found

@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -67,6 +68,9 @@ class Call:
     generator: bool = False  #: ``.remote_gen``: yielded values go to :attr:`on_item` as they come
     variant: str | None = None  #: a variant's pool (``apps.Variant.to_json``): parameters, with_options overrides
     on_item: Callable[[bytes], None] | None = field(default=None, repr=False)
+    #: Serves the input on the container itself instead of a function call: a web request (``server.gateway``),
+    #: given the container and the function's timeout. Such calls live in memory only (their client is a socket).
+    run: Callable[[Any, float], Outcome] | None = field(default=None, repr=False)
     done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _on_start: list[Callable[[Call], None]] = field(default_factory=list, repr=False)

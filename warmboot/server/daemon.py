@@ -38,6 +38,10 @@ from warmboot.server import scheduler as schedules
 from warmboot.server.api import ApiServer
 from warmboot.server.apps import RunningApp, variant_of
 from warmboot.server.calls import Call, CallBook
+from warmboot.server.gateway import serve as gateway_server
+from warmboot.server.gateway.asgi import Gateway
+from warmboot.server.gateway.serve import GatewayServer
+from warmboot.server.gateway.tokens import ProxyTokens
 from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.logs import LogBook
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
@@ -70,6 +74,10 @@ class ControlPlane:
         self.started_at = time.time()
         self.code_digest = runtime_lib.code_digest()  # what this process runs, whatever the disk says later
         self.api: ApiServer | None = None
+        self.proxy_tokens = ProxyTokens(self.state.connection, self.state.lock)
+        self.gateway: GatewayServer | None = None  #: the HTTP gateway, started by serve()
+        self._gateway_error = "not started yet"
+        self.web = Gateway(self, self.proxy_tokens, require_all=False)
         self._recover()
         self.scheduler = schedules.for_plane(self)  #: started by serve(): schedules resume from the state table
 
@@ -310,6 +318,70 @@ class ControlPlane:
             )
         return vars(self.snapshots.remove(request.key))
 
+    # ----- web endpoints ------------------------------------------------------------------------------------
+
+    def web_endpoints(self) -> list[dict[str, Any]]:
+        """Every endpoint of the running apps, with its URL (for `warmboot deploy`, `app list`, the SDK)."""
+        with self._lock:
+            apps = dict(self.apps)
+        base = self.gateway.base_url if self.gateway is not None else None
+        return [
+            {
+                "label": e.label,
+                "app": e.app_name,
+                "app_id": e.app_id,
+                "function": e.tag,
+                "method": e.method,
+                "kind": e.kind,
+                "requires_proxy_auth": e.requires_proxy_auth,
+                "url": f"{base}/{e.label}" if base else None,
+            }
+            for e in self.web.routes.all(apps)
+        ]
+
+    def op_web_list(self, request: protocol.WebList) -> list[dict[str, Any]]:
+        return self.web_endpoints()
+
+    def op_web_url(self, request: protocol.WebUrl) -> str | None:
+        target = request.target
+        app = self.running_app(app_id=target.app_id, app_name=target.app_name)
+        for endpoint in self.web_endpoints():
+            if endpoint["app_id"] == app.record.app_id and endpoint["function"] == target.tag and (
+                endpoint["method"] == target.method
+            ):
+                if endpoint["url"] is None:
+                    raise ServerError(f"the HTTP gateway is not running (see the server log): {self._gateway_error}")
+                return str(endpoint["url"])
+        app.function_spec(target.tag)  # NotFoundError for a function the app does not have
+        return None  # a function that is not a web endpoint has no URL (Modal's get_web_url() says None too)
+
+    def op_token_create(self, request: protocol.TokenCreate) -> dict[str, Any]:
+        return self.proxy_tokens.create()
+
+    def op_token_list(self, request: protocol.TokenList) -> list[dict[str, Any]]:
+        return self.proxy_tokens.list()
+
+    def op_token_rm(self, request: protocol.TokenRm) -> str:
+        self.proxy_tokens.delete(request.token_id)
+        return request.token_id
+
+    def _start_gateway(self) -> None:
+        """Serve the web endpoints; a gateway that cannot start is logged, and the rest of the server runs."""
+        host, port = gateway_server.settings()
+        allow_public = os.environ.get("WARMBOOT_GATEWAY_ALLOW_PUBLIC") == "1"
+        # Beyond loopback, every endpoint needs a token unless the operator says the gateway is public.
+        self.web.require_all = not gateway_server.is_loopback(host) and not allow_public
+        try:
+            self.gateway = GatewayServer(self.web, host, port)
+        except ServerError as exc:
+            self._gateway_error = str(exc)
+            log.error("%s", exc)
+            return
+        self.gateway.start()
+        (self.home / "gateway.url").write_text(self.gateway.base_url + "\n")
+        log.info("HTTP gateway listening on %s%s", self.gateway.base_url,
+                 " (every endpoint needs a proxy auth token)" if self.web.require_all else "")  # fmt: skip
+
     def op_server_stop(self, request: protocol.ServerStop) -> None:
         threading.Thread(target=self.shutdown, daemon=True).start()
 
@@ -322,6 +394,7 @@ class ControlPlane:
         def listening() -> None:
             (self.home / "server.pid").write_text(str(os.getpid()))
             log.info("warmboot server %s listening on %s (pid %d)", warmboot.__version__, sock, os.getpid())
+            self._start_gateway()
             self.scheduler.start()
 
         self.api.serve_forever(listening)
@@ -333,6 +406,8 @@ class ControlPlane:
         self._stop.set()
         log.info("server stopping")
         self.scheduler.stop()
+        if self.gateway is not None:
+            self.gateway.stop()
         with self._lock:
             apps = list(self.apps.values())
         threads = [threading.Thread(target=a.stop) for a in apps]

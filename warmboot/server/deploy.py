@@ -17,6 +17,7 @@ from warmboot.errors import InvalidOptionError, NotFoundError
 from warmboot.protocol import Deploy
 from warmboot.server import specs
 from warmboot.server.apps import APP_DIR
+from warmboot.server.gateway import routes
 from warmboot.server.images import ResolvedImage, code_layer, resolve_image
 from warmboot.worker import gpus
 
@@ -54,6 +55,9 @@ def check_request(plane: ControlPlane, request: Deploy) -> tuple[str, specs.AppS
         for secret in fspec.secrets:
             if secret.name is not None:
                 plane.state.get_secret(secret.name)  # NotFoundError names it and says how to create it
+    with plane._lock:
+        running = list(plane.apps.values())
+    routes.check_conflicts(name, request.spec, bool(request.ephemeral), running)
     return name, typed
 
 
@@ -99,4 +103,11 @@ def deploy(plane: ControlPlane, request: Deploy, emit: Emit) -> dict[str, Any]:
     except Exception as exc:  # the version is live: report, don't unwind
         log.exception("after deploying %s", name)
         app.event(f"Deployed, but a follow-up step failed (see the server log): {type(exc).__name__}: {exc}")
-    return {"app_id": record.app_id, "name": name, "version": record.version, "functions": list(functions)}
+    web = [e for e in plane.web_endpoints() if e["app_id"] == record.app_id]
+    return {
+        "app_id": record.app_id,
+        "name": name,
+        "version": record.version,
+        "functions": list(functions),
+        "web_endpoints": web,
+    }

@@ -342,7 +342,9 @@ class FunctionPool:
             self._mark_running(calls, fc)
             began = time.monotonic()
             try:
-                if self.settings.batch_size:
+                if call.run is not None:
+                    outcomes = [call.run(fc, self.settings.timeout)]
+                elif self.settings.batch_size:
                     outcomes = fc.call_batch([(c.call_id, c.args) for c in calls], call.method, self.settings.timeout)
                 else:
                     outcomes = [fc.call(call.call_id, call.method, call.args, self.settings.timeout, call.on_item)]
@@ -428,7 +430,8 @@ class FunctionPool:
             return  # it was cancelled while it ran
         s = self.settings
         with self._cond:
-            retry = call.attempts <= s.retries and not self._stopping
+            # A web request is never run twice: part of its response may have reached its client.
+            retry = call.attempts <= s.retries and not self._stopping and call.run is None
             wait = retry_rules.delay(call.attempts, s.retry_delay, s.retry_backoff, s.retry_max_delay) if retry else 0
             if retry and wait <= 0:
                 self._queue.appendleft(call)

@@ -51,6 +51,20 @@ class Batching:
 
 
 @dataclass(frozen=True)
+class WebEndpoint:
+    """A web decorator's settings (``sdk.web``): what the gateway routes to the function or method."""
+
+    kind: Literal["fastapi_endpoint", "asgi_app", "wsgi_app", "web_server"]
+    method: str | None = None  #: a class's web method
+    label: str | None = None  #: None: ``<app>-<function>[-<method>]``
+    requires_proxy_auth: bool = False
+    http_method: str | None = None  #: fastapi_endpoint
+    docs: bool = False  #: fastapi_endpoint
+    port: int | None = None  #: web_server
+    startup_timeout: float | None = None  #: web_server
+
+
+@dataclass(frozen=True)
 class FunctionSpec:
     kind: Literal["function", "cls"]
     options: dict[str, Any]
@@ -61,6 +75,7 @@ class FunctionSpec:
     concurrency: Concurrency | None = None  #: ``@modal.concurrent``
     parameters: dict[str, dict[str, Any]] | None = None  #: ``modal.parameter()`` declarations (a class's)
     batching: Batching | None = None  #: ``@modal.batched``
+    web: list[WebEndpoint] | None = None  #: web endpoint decorators
     schedule: dict[str, Any] | None = None  #: ``schedule=modal.Period(...)`` / ``modal.Cron(...)``, as plain data
 
 
@@ -97,6 +112,8 @@ def check(app_name: str, spec: dict[str, Any]) -> AppSpec:
             concurrent(max_inputs=fspec.concurrency.max_inputs, target_inputs=fspec.concurrency.target_inputs)
         if fspec.batching is not None:
             _check_batching(label, fspec)
+        if fspec.web:
+            _check_web(label, fspec)
         if fspec.parameters:
             from warmboot.sdk.parameter import check_declarations
 
@@ -128,3 +145,25 @@ def _check_batching(label: str, fspec: FunctionSpec) -> None:
             raise InvalidOptionError(f"{label}: a batched class has exactly one method, its batched one")
     elif method is not None:
         raise InvalidOptionError(f"{label}: a batched function names no method")
+
+
+def _check_web(label: str, fspec: FunctionSpec) -> None:
+    from warmboot.sdk import web
+
+    assert fspec.web is not None
+    methods = fspec.lifecycle.methods if fspec.lifecycle is not None else []
+    for endpoint in fspec.web:
+        if endpoint.label is not None:
+            web.check_label(f"{label}: web endpoint", endpoint.label)
+        if fspec.kind == "cls" and endpoint.method not in methods:
+            raise InvalidOptionError(f"{label}: web endpoint method {endpoint.method!r} is not a method of the class")
+        if fspec.kind == "function" and endpoint.method is not None:
+            raise InvalidOptionError(f"{label}: a function's web endpoint names no method")
+        if endpoint.kind == "web_server":
+            web.web_server(endpoint.port, startup_timeout=endpoint.startup_timeout or 5.0)  # the same ranges
+        if endpoint.kind == "fastapi_endpoint":
+            web.fastapi_endpoint(method=endpoint.http_method or "GET")
+    if fspec.kind == "function" and len(fspec.web) > 1:
+        raise InvalidOptionError(f"{label}: a function is one web endpoint at most")
+    if fspec.batching is not None:
+        raise InvalidOptionError(f"{label}: a web endpoint cannot be @modal.batched")

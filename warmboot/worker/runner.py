@@ -12,6 +12,7 @@ import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -36,7 +37,7 @@ from warmboot.runtime import wire
 from warmboot.worker import cgroups, cuda_checkpoint, netinfo, runtime_lib
 from warmboot.worker import container as containers
 from warmboot.worker import gpus as gpu_devices
-from warmboot.worker.sandbox import network
+from warmboot.worker.sandbox import netns, network
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 log = logging.getLogger("warmboot.worker")
@@ -71,6 +72,10 @@ class LaunchPlan:
     gpus: gpu_devices.GpuInventory | None = None  #: the GPUs a gpu= function gets
     #: CPU memory snapshot of a GPU function: no GPU before the snapshot point, its GPUs after.
     gpus_after_snapshot: bool = False
+
+
+#: Marks the gateway's events in a web request's inbox (``FunctionContainer.web_call``).
+CLIENT = object()
 
 
 def _outcome(reply: wire.Result) -> Outcome:
@@ -353,6 +358,66 @@ class FunctionContainer:
             self.calls_served += len(calls)
         return outcomes
 
+    def web_call(
+        self,
+        request: wire.WebRequest,
+        inbox: queue.SimpleQueue[Any],
+        on_send: Callable[[wire.WebSend], None],
+        timeout: float,
+    ) -> Outcome:
+        """Serve one web request (an ASGI connection) in the container.
+
+        ``inbox`` is this request's: the client's later events arrive there as ``(CLIENT, wire.WebReceive)`` from
+        the gateway (a tuple, so nothing the container writes can pass for them) and go to the container; the
+        container's ``WebSend`` frames go to ``on_send``; its ``Result`` ends the request. Raises like :meth:`call`.
+        """
+        call_id = request.call_id
+        with self._inbox_lock:
+            if self._broken is not None:
+                raise self._broken
+            self._inboxes[call_id] = inbox
+        try:
+            self._send(request)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    reply = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    self.kill()
+                    raise FunctionTimeoutError(
+                        f"{self.plan.label} web request {call_id} exceeded the function's timeout of {timeout:g} s; "
+                        "the container was stopped"
+                    ) from None
+                if isinstance(reply, tuple) and reply[0] is CLIENT:
+                    self._send(reply[1])
+                    continue
+                if isinstance(reply, WarmbootError):
+                    self.kill()
+                    raise reply
+                if isinstance(reply, wire.WebSend) and reply.call_id == call_id:
+                    on_send(reply)
+                    continue
+                if isinstance(reply, wire.Result) and reply.call_id == call_id:
+                    break
+                violation = ProtocolViolationError(
+                    f"container {self.id} of {self.plan.label} answered web request {call_id} with a "
+                    f"{getattr(reply, 'TYPE', type(reply).__name__)!r} message; it was stopped"
+                )
+                self._break(violation)
+                self.kill()
+                raise violation
+        finally:
+            with self._inbox_lock:
+                self._inboxes.pop(call_id, None)
+        with self._inbox_lock:
+            self.calls_served += 1
+        return _outcome(reply)
+
+    def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
+        """A connection to ``port`` inside the container (a ``web_server`` function's server)."""
+        assert self.container is not None
+        return netns.connect(self.container.pid, port, timeout)
+
     def _start_reader(self) -> None:
         """From READY on, one thread reads the container's replies and hands each to the call it answers."""
         threading.Thread(target=self._read_replies, name=f"{self.id}-replies", daemon=True).start()
@@ -364,7 +429,7 @@ class FunctionContainer:
             except ContainerCrashedError as exc:  # EOF, or a malformed frame (ProtocolViolationError)
                 self._break(exc)
                 return
-            call_id = message.call_id if isinstance(message, wire.Result | wire.Item) else None
+            call_id = message.call_id if isinstance(message, wire.Result | wire.Item | wire.WebSend) else None
             with self._inbox_lock:
                 inbox = self._inboxes.get(call_id) if call_id is not None else None
                 if inbox is None and len(self._inboxes) == 1:
@@ -516,7 +581,9 @@ class FunctionContainer:
             raise
         if isinstance(message, wire.InitError):
             self.kill()
-            phase = "importing the app" if message.phase == "import" else "running @enter hooks"
+            phase = {"import": "importing the app", "web": "starting its web endpoint"}.get(
+                message.phase, "running @enter hooks"
+            )
             raise ContainerBootError(f"{self.plan.label} failed while {phase}:", message.traceback)
         if not isinstance(message, kind):
             self.kill()

@@ -2,7 +2,7 @@
 
 It holds what warmboot itself puts in a container, so images stay exactly what the user asked for:
 
-    __warmboot/lib/      the parts of warmboot a container imports (SDK, runtime) and cloudpickle (on its PYTHONPATH)
+    __warmboot/lib/      what a container imports of warmboot (SDK, runtime), cloudpickle and a2wsgi (on PYTHONPATH)
     __warmboot/init      the static init that confines the container and runs its command (sandbox/init.c)
     __warmboot/seccomp.bpf   the seccomp filter the init loads
     dev/                 an opaque /dev with only the standard character devices (no host device is reachable)
@@ -22,6 +22,7 @@ import stat
 import threading
 from pathlib import Path
 
+import a2wsgi
 import cloudpickle
 
 import warmboot
@@ -80,7 +81,11 @@ def ensure(home: Path) -> Path:
 
 def _sources(*, container_only: bool) -> list[tuple[Path, tuple[str, ...] | None]]:
     parts = CONTAINER_PARTS if container_only else None
-    return [(Path(warmboot.__file__).parent, parts), (Path(cloudpickle.__file__).parent, None)]
+    return [
+        (Path(warmboot.__file__).parent, parts),
+        (Path(cloudpickle.__file__).parent, None),
+        (Path(a2wsgi.__file__).parent, None),  # @modal.wsgi_app's adapter, imported only by WSGI endpoints
+    ]
 
 
 def code_digest() -> str:

@@ -57,3 +57,35 @@ def fresh() -> int:
 def inode(pid: int) -> int:
     """The inode that names ``pid``'s network namespace (what CRIU's ``--external net[...]`` takes)."""
     return os.stat(f"/proc/{pid}/ns/net").st_ino
+
+
+def connect(pid: int, port: int, timeout: float) -> socket.socket:
+    """A TCP connection to ``127.0.0.1:port`` inside ``pid``'s network namespace (a ``web_server`` function's).
+
+    A socket belongs to the namespace it was made in, whatever thread uses it later: a throwaway thread joins
+    the container's namespace, connects and ends, and the gateway uses the connected socket from the host.
+    """
+    result: list[socket.socket] = []
+    errors: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, CLONE_NEWNET) != 0:
+                    err = ctypes.get_errno()
+                    raise ContainerError(f"cannot enter the network namespace of process {pid}: {os.strerror(err)}")
+            finally:
+                os.close(fd)
+            sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+            sock.settimeout(None)
+            result.append(sock)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=make, name="warmboot-netns-connect")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return result[0]

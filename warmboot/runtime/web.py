@@ -1,0 +1,254 @@
+"""Web endpoints inside the container: each request is an ASGI connection carried over the control pipes.
+
+The gateway (``server/gateway``) turns an HTTP request or websocket into a ``WebRequest`` frame (the ASGI scope
+and the first body chunk); later ``receive`` events follow as ``WebReceive`` frames, and every ``send`` event of
+the app goes back as a ``WebSend`` frame, then a ``Result`` when the app returns. No port is opened in the
+container for these: nothing listens, nothing reaches the container but its worker, and a snapshot holds no
+socket. ``web_server`` functions are the exception: they start their own server, which the gateway reaches
+through the container's network namespace; here we only wait for its port to accept connections.
+
+ASGI apps run on the container's one asyncio loop (``Executor.loop``), several at once when the function is
+``@modal.concurrent``. WSGI apps are adapted with a2wsgi (in the runtime layer); ``fastapi_endpoint``
+functions are wrapped in a one-route FastAPI app (FastAPI must be in the image, as on Modal).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import time
+import traceback
+from typing import TYPE_CHECKING, Any
+
+from warmboot.runtime import wire
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from warmboot.runtime.executor import Executor
+
+
+class WebHost:
+    """The container's web endpoints (one per web method of a class, else one), and the requests in flight."""
+
+    def __init__(self, executor: Executor, endpoints: dict[str | None, dict[str, Any]]):
+        self._executor = executor
+        self._endpoints = endpoints  #: method (None for a function) -> its decorator's settings (``sdk.web``)
+        self._apps: dict[str | None, Any] = {}
+        self._receivers: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+
+    @classmethod
+    def for_target(cls, executor: Executor, target: Any) -> WebHost | None:
+        """The host for a ``Function`` or ``Cls`` with web endpoints, else ``None``."""
+        from warmboot.sdk.web import web_of
+
+        user_cls = getattr(target, "user_cls", None)
+        if user_cls is not None:
+            found = {name: info for name, member in vars(user_cls).items() if (info := web_of(member))}
+        else:
+            info = web_of(getattr(target, "raw_f", None))
+            found = {None: info} if info else {}
+        return cls(executor, found) if found else None
+
+    def prewarm(self) -> None:
+        """Before the snapshot point: import what the endpoints will need, so that a restored copy has it.
+
+        Only imports; nothing of the user's runs here (their factories run at START, with the container's
+        environment and secrets).
+        """
+        kinds = {info["kind"] for info in self._endpoints.values()}
+        wanted = []
+        if kinds & {"fastapi_endpoint", "asgi_app"}:
+            wanted.append("fastapi")
+        if "wsgi_app" in kinds:
+            wanted.append("a2wsgi")
+        for name in wanted:
+            with contextlib.suppress(ImportError):  # reported at START, where it is needed, with what to install
+                __import__(name)
+
+    def start(self, resolve: Any) -> None:
+        """At START, after the ``@enter`` hooks: build each endpoint's ASGI app, or start its web server."""
+        for method, info in self._endpoints.items():
+            fn = resolve(method)
+            kind = info["kind"]
+            if kind == "web_server":
+                self._executor.run_hook(fn)
+                _wait_for_port(info["port"], info["startup_timeout"])
+                continue
+            if kind == "fastapi_endpoint":
+                app = _fastapi_wrapper(fn, info)
+            else:
+                app = self._call_factory(fn)
+                if kind == "wsgi_app":
+                    app = _wsgi_adapter(app)
+                elif not callable(app):
+                    raise TypeError(
+                        f"@modal.asgi_app function {getattr(fn, '__name__', fn)} returned {type(app).__name__}; "
+                        "it must return an ASGI application (for example a FastAPI() instance)"
+                    )
+            self._apps[method] = app
+            self._lifespan_startup(app)
+
+    def _call_factory(self, fn: Any) -> Any:
+        import inspect
+
+        result = fn()
+        if inspect.isawaitable(result):
+            import asyncio
+
+            result = asyncio.run_coroutine_threadsafe(_awaited(result), self._executor.loop()).result()
+        return result
+
+    def _lifespan_startup(self, app: Any) -> None:
+        """Run the app's ASGI lifespan startup (FastAPI's ``lifespan=``/``on_event("startup")``), as uvicorn's
+        "auto" mode does: an app that does not speak lifespan is served anyway."""
+        import asyncio
+
+        async def run() -> None:
+            started = asyncio.get_running_loop().create_future()
+            inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+            inbox.put_nowait({"type": "lifespan.startup"})
+
+            async def send(event: dict[str, Any]) -> None:
+                if event["type"] == "lifespan.startup.failed" and not started.done():
+                    started.set_exception(RuntimeError(f"ASGI lifespan startup failed: {event.get('message', '')}"))
+                elif event["type"] == "lifespan.startup.complete" and not started.done():
+                    started.set_result(True)
+
+            async def lifespan() -> None:
+                with contextlib.suppress(Exception):  # an app without lifespan support is served without it
+                    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
+                if not started.done():
+                    started.set_result(False)
+
+            self._lifespan_task = asyncio.get_running_loop().create_task(lifespan())
+            await started
+
+        asyncio.run_coroutine_threadsafe(run(), self._executor.loop()).result()
+
+    # ----- requests -------------------------------------------------------------------------------------------
+
+    def handle(self, request: wire.WebRequest) -> None:
+        """Serve ``request`` on the loop; frames for it that arrive meanwhile go to :meth:`receive`."""
+        import asyncio
+
+        loop = self._executor.loop()
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._receivers[request.call_id] = inbox
+        if request.scope.get("type") == "websocket":
+            first = {"type": "websocket.connect"}
+        else:
+            first = {"type": "http.request", "body": request.body, "more_body": request.more_body}
+        loop.call_soon_threadsafe(inbox.put_nowait, first)
+        future = asyncio.run_coroutine_threadsafe(self._serve(request, inbox), loop)
+        self._executor.track(future)
+
+    def receive(self, message: wire.WebReceive) -> None:
+        inbox = self._receivers.get(message.call_id)
+        if inbox is None:
+            return  # the app has returned already: nothing waits for it
+        if message.event == "websocket.receive":
+            event: dict[str, Any] = {"type": message.event}
+            event["text" if message.text is not None else "bytes"] = message.text or message.body
+        elif message.event == "websocket.disconnect":
+            event = {"type": message.event, "code": message.code or 1000}
+        elif message.event == "http.request":
+            event = {"type": message.event, "body": message.body, "more_body": message.more_body}
+        else:
+            event = {"type": "http.disconnect"}
+        self._executor.loop().call_soon_threadsafe(inbox.put_nowait, event)
+
+    async def _serve(self, request: wire.WebRequest, inbox: asyncio.Queue[dict[str, Any]]) -> None:
+        from warmboot.sdk.context import CALL_ID
+
+        CALL_ID.set(request.call_id)
+        call_id = request.call_id
+        send_frame = self._executor.send
+
+        async def send(event: dict[str, Any]) -> None:
+            kind = event["type"]
+            headers = event.get("headers")
+            send_frame(
+                wire.WebSend(
+                    call_id,
+                    kind,
+                    status=event.get("status"),
+                    headers=[[k.decode("latin-1"), v.decode("latin-1")] for k, v in headers] if headers else None,
+                    body=bytes(event.get("body") or event.get("bytes") or b""),
+                    text=event.get("text"),
+                    more_body=bool(event.get("more_body", False)),
+                    subprotocol=event.get("subprotocol"),
+                    code=event.get("code"),
+                    reason=event.get("reason"),
+                )
+            )
+
+        try:
+            app = self._apps[request.method]
+            await app(_asgi_scope(request.scope), inbox.get, send)
+        except Exception as exc:  # noqa: BLE001 - the gateway answers 500; the traceback goes to the app's log
+            traceback.print_exc()
+            sys.stderr.flush()
+            send_frame(wire.Result(call_id, ok=False, message=f"{type(exc).__name__}: {exc}"))
+        else:
+            send_frame(wire.Result(call_id, ok=True))
+        finally:
+            self._receivers.pop(call_id, None)
+
+
+def _asgi_scope(scope: dict[str, Any]) -> dict[str, Any]:
+    """The scope as an ASGI app expects it: bytes where JSON carried latin-1 strings, tuples for addresses."""
+    out = dict(scope)
+    out["headers"] = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in scope.get("headers", [])]
+    out["query_string"] = scope.get("query_string", "").encode("latin-1")
+    out["raw_path"] = scope.get("raw_path", scope.get("path", "/")).encode("latin-1")
+    for key in ("client", "server"):
+        if out.get(key) is not None:
+            out[key] = tuple(out[key])
+    out["asgi"] = {"version": "3.0", "spec_version": "2.3"}
+    out.setdefault("state", {})
+    return out
+
+
+def _fastapi_wrapper(fn: Any, info: dict[str, Any]) -> Any:
+    try:
+        from fastapi import FastAPI
+    except ImportError:
+        raise ImportError(
+            "@modal.fastapi_endpoint needs FastAPI in the function's image: "
+            'add .pip_install("fastapi[standard]") to the image'
+        ) from None
+    docs = bool(info.get("docs"))
+    web = FastAPI(docs_url="/docs" if docs else None, redoc_url=None, openapi_url="/openapi.json" if docs else None)
+    web.add_api_route("/", fn, methods=[info.get("http_method") or "GET"])
+    return web
+
+
+def _wsgi_adapter(app: Any) -> Any:
+    if not callable(app):
+        raise TypeError(f"@modal.wsgi_app function returned {type(app).__name__}; it must return a WSGI application")
+    from a2wsgi import WSGIMiddleware  # a well-kept WSGI-in-ASGI adapter, shipped in the runtime layer
+
+    return WSGIMiddleware(app)
+
+
+def _wait_for_port(port: int, timeout: float) -> None:
+    """Until something accepts connections on ``port`` (on loopback, inside this container), within ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=max(0.05, deadline - time.monotonic())):
+                return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"@modal.web_server({port}): nothing accepted connections on port {port} within "
+                    f"startup_timeout={timeout:g} s. Start the server from the function, in the background "
+                    f"(e.g. subprocess.Popen), listening on 0.0.0.0:{port}, or raise startup_timeout="
+                ) from None
+            time.sleep(0.02)  # polling a port: there is no event to wait on for another process's listen()
+
+
+async def _awaited(awaitable: Any) -> Any:
+    return await awaitable
