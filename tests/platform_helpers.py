@@ -22,7 +22,13 @@ class Platform:
         self.home = Path(tempfile.mkdtemp(prefix="warmboot-test-", dir="/var/tmp"))
         self.apps_dir = self.home / "appfiles"
         self.apps_dir.mkdir()
-        self.env = {**os.environ, "WARMBOOT_HOME": str(self.home), "COLUMNS": "250", **(extra_env or {})}
+        self.env = {
+            **os.environ,
+            "WARMBOOT_HOME": str(self.home),
+            "COLUMNS": "250",
+            "WARMBOOT_GATEWAY_PORT": "0",  # a free port: test servers never collide with a user's on 8700
+            **(extra_env or {}),
+        }
         self.server: subprocess.Popen[bytes] | None = None
 
     # ----- server --------------------------------------------------------------------------------------
@@ -91,6 +97,16 @@ class Platform:
         if check and proc.returncode != 0:
             raise AssertionError(f"snippet exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
         return proc
+
+    @property
+    def gateway_url(self) -> str:
+        """The HTTP gateway's base URL (the server writes it once it listens)."""
+        deadline = time.monotonic() + 30
+        path = self.home / "gateway.url"
+        while not path.exists():
+            assert time.monotonic() < deadline, "the server never wrote gateway.url"
+            time.sleep(0.02)
+        return path.read_text().strip()
 
     def log_text(self, app_name: str) -> str:
         path = self.home / "logs" / f"{app_name}.log"
