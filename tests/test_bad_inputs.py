@@ -613,8 +613,8 @@ SDK_CASES = [
             ("the result (lock) cannot be pickled",)),
     SdkCase("an-unexpected-keyword-argument", lambda a, _: fn(a, "ok").remote(1, zzz=2), TypeError,
             ("ok() got an unexpected keyword argument 'zzz'",)),
-    SdkCase("a-class-called-with-arguments", lambda a, _: modal.Cls.from_name(a, "Model")(3), InvalidOptionError,
-            ("Model(): parametrized classes are not supported yet; call it with no arguments",)),
+    SdkCase("a-class-called-with-positional-arguments", lambda a, _: modal.Cls.from_name(a, "Model")(3),
+            InvalidOptionError, ("Model() takes its parameters by keyword only, got 1 positional argument(s)",)),
     SdkCase("local-on-a-function-looked-up-by-name", lambda a, _: fn(a, "ok").local(1), NotFoundError,
             ("ok was looked up by name: its code is not here, use .remote()",)),
 ]  # fmt: skip
