@@ -241,7 +241,9 @@ class FakeBoots:
             if boots.fail_boot:
                 raise ContainerBootError(f"{fc.plan.label} failed while importing the app:")
 
-        def call(fc: FunctionContainer, call_id: str, method: str | None, args: bytes, timeout: float) -> Outcome:
+        def call(
+            fc: FunctionContainer, call_id: str, method: str | None, args: bytes, timeout: float, on_item: object = None
+        ) -> Outcome:
             fc.calls_served += 1
             return Outcome(ok=True, value=args)
 
