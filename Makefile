@@ -24,6 +24,7 @@ demo-engine: setup
 
 bench: setup
 	@$(PY) bench/cold_starts.py
+	@$(PY) bench/web_endpoints.py
 
 bench-engine: setup
 	@$(PY) bench/restore.py

@@ -49,7 +49,13 @@ def api():
     from fastapi import FastAPI, Request, WebSocket
     from fastapi.responses import StreamingResponse
 
-    web = FastAPI()
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_web):
+        yield {{"started_by": "lifespan"}}  # ASGI lifespan state: every request's scope gets a copy
+
+    web = FastAPI(lifespan=lifespan)
 
     @web.get("/events")
     async def events(n: int = 3):
@@ -66,7 +72,8 @@ def api():
 
     @web.get("/where")
     def where(request: Request):
-        return {{"root_path": request.scope.get("root_path"), "path": request.url.path}}
+        scope = request.scope
+        return {{"root_path": scope.get("root_path"), "path": request.url.path, "state": request.state.started_by}}
 
     @web.websocket("/ws")
     async def ws(websocket: WebSocket):
@@ -170,11 +177,14 @@ def test_requests_stream_both_ways_and_server_sent_events_arrive_as_sent(web_app
     assert response.json()["bytes"] == 64 * 16384
 
 
-def test_an_asgi_app_sees_its_root_path_and_host_routing_works_too(platform: Platform, web_app: dict[str, str]) -> None:
+def test_an_asgi_app_sees_its_root_path_and_lifespan_state_and_host_routing_works(
+    platform: Platform, web_app: dict[str, str]
+) -> None:
     name = web_app["name"]
-    assert httpx.get(web_app["api"] + "/where", timeout=120).json() == {"root_path": f"/{name}-api", "path": "/where"}
+    expected = {"root_path": f"/{name}-api", "path": "/where", "state": "lifespan"}
+    assert httpx.get(web_app["api"] + "/where", timeout=120).json() == expected
     by_host = httpx.get(platform.gateway_url + "/where", headers={"Host": f"{name}-api.localhost"}, timeout=120).json()
-    assert by_host == {"root_path": "", "path": "/where"}
+    assert by_host == {"root_path": "", "path": "/where", "state": "lifespan"}
 
 
 def test_websockets_carry_messages_both_ways(web_app: dict[str, str]) -> None:

@@ -172,6 +172,11 @@ def main() -> int:
         else:
             break  # SHUTDOWN
     executor.drain()
+    if web is not None:
+        try:
+            web.shutdown()
+        except BaseException:  # noqa: BLE001 - a failing shutdown handler must not hide the @exit hooks
+            traceback.print_exc()
     try:
         service.run_hooks("exit", executor)
     except BaseException:  # noqa: BLE001 - an exit hook failing must not hide the shutdown

@@ -37,6 +37,8 @@ class WebHost:
         self._endpoints = endpoints  #: method (None for a function) -> its decorator's settings (``sdk.web``)
         self._apps: dict[str | None, Any] = {}
         self._receivers: dict[str, asyncio.Queue[dict[str, Any]]] = {}
+        self._states: dict[str | None, dict[str, Any]] = {}  #: each app's lifespan state
+        self._lifespans: list[tuple[asyncio.Queue[dict[str, Any]], asyncio.Task[None]]] = []
 
     @classmethod
     def for_target(cls, executor: Executor, target: Any) -> WebHost | None:
@@ -88,7 +90,7 @@ class WebHost:
                         "it must return an ASGI application (for example a FastAPI() instance)"
                     )
             self._apps[method] = app
-            self._lifespan_startup(app)
+            self._lifespan_startup(method, app)
 
     def _call_factory(self, fn: Any) -> Any:
         import inspect
@@ -100,13 +102,18 @@ class WebHost:
             result = asyncio.run_coroutine_threadsafe(_awaited(result), self._executor.loop()).result()
         return result
 
-    def _lifespan_startup(self, app: Any) -> None:
+    def _lifespan_startup(self, method: str | None, app: Any) -> None:
         """Run the app's ASGI lifespan startup (FastAPI's ``lifespan=``/``on_event("startup")``), as uvicorn's
-        "auto" mode does: an app that does not speak lifespan is served anyway."""
+        "auto" mode does: an app that does not speak lifespan is served anyway. What its lifespan puts in its
+        ``state`` is copied into each request's scope, as the ASGI spec says."""
         import asyncio
 
+        state: dict[str, Any] = {}
+        self._states[method] = state
+
         async def run() -> None:
-            started = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            started = loop.create_future()
             inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             inbox.put_nowait({"type": "lifespan.startup"})
 
@@ -118,14 +125,28 @@ class WebHost:
 
             async def lifespan() -> None:
                 with contextlib.suppress(Exception):  # an app without lifespan support is served without it
-                    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, inbox.get, send)
+                    await app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": state}, inbox.get, send)
                 if not started.done():
                     started.set_result(False)
 
-            self._lifespan_task = asyncio.get_running_loop().create_task(lifespan())
-            await started
+            task = loop.create_task(lifespan())
+            if await started:
+                self._lifespans.append((inbox, task))
 
         asyncio.run_coroutine_threadsafe(run(), self._executor.loop()).result()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """At the container's end: the apps' lifespan shutdown (their ``@on_event("shutdown")`` code runs)."""
+        import asyncio
+
+        async def run() -> None:
+            for inbox, task in self._lifespans:
+                inbox.put_nowait({"type": "lifespan.shutdown"})
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(task, timeout)
+
+        if self._lifespans:
+            asyncio.run_coroutine_threadsafe(run(), self._executor.loop()).result()
 
     # ----- requests -------------------------------------------------------------------------------------------
 
@@ -186,7 +207,7 @@ class WebHost:
 
         try:
             app = self._apps[request.method]
-            await app(_asgi_scope(request.scope), inbox.get, send)
+            await app(_asgi_scope(request.scope, self._states.get(request.method)), inbox.get, send)
         except Exception as exc:  # noqa: BLE001 - the gateway answers 500; the traceback goes to the app's log
             traceback.print_exc()
             sys.stderr.flush()
@@ -197,7 +218,7 @@ class WebHost:
             self._receivers.pop(call_id, None)
 
 
-def _asgi_scope(scope: dict[str, Any]) -> dict[str, Any]:
+def _asgi_scope(scope: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:
     """The scope as an ASGI app expects it: bytes where JSON carried latin-1 strings, tuples for addresses."""
     out = dict(scope)
     out["headers"] = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in scope.get("headers", [])]
@@ -207,7 +228,7 @@ def _asgi_scope(scope: dict[str, Any]) -> dict[str, Any]:
         if out.get(key) is not None:
             out[key] = tuple(out[key])
     out["asgi"] = {"version": "3.0", "spec_version": "2.3"}
-    out.setdefault("state", {})
+    out["state"] = dict(state or {})  # a shallow copy per request, as the ASGI lifespan spec says
     return out
 
 
