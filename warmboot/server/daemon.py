@@ -346,8 +346,10 @@ class ControlPlane:
         target = request.target
         app = self.running_app(app_id=target.app_id, app_name=target.app_name)
         for endpoint in self.web_endpoints():
-            if endpoint["app_id"] == app.record.app_id and endpoint["function"] == target.tag and (
-                endpoint["method"] == target.method
+            if (
+                endpoint["app_id"] == app.record.app_id
+                and endpoint["function"] == target.tag
+                and (endpoint["method"] == target.method)
             ):
                 if endpoint["url"] is None:
                     raise ServerError(f"the HTTP gateway is not running (see the server log): {self._gateway_error}")

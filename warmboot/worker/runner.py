@@ -304,9 +304,7 @@ class FunctionContainer:
             self.calls_served += 1
         return _outcome(reply)
 
-    def call_batch(
-        self, calls: Sequence[tuple[str, bytes]], method: str | None, timeout: float
-    ) -> list[Outcome]:
+    def call_batch(self, calls: Sequence[tuple[str, bytes]], method: str | None, timeout: float) -> list[Outcome]:
         """Run calls of a ``@batched`` function as one input; each call's outcome, in order.
 
         A timeout or a dead container ends every call of the batch (raised); a reply for a call that is not in
