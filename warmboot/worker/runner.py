@@ -106,6 +106,7 @@ class FunctionContainer:
         self._pumps: list[threading.Thread] = []
         self._finished: list[Callable[[], None]] = []
         self._inboxes: dict[str, queue.SimpleQueue[wire.Message | WarmbootError]] = {}  #: call id -> its replies
+        self._web_senders: dict[str, Callable[[wire.WebSend], None]] = {}  #: web request id -> where its frames go
         self._inbox_lock = threading.Lock()
         self._send_lock = threading.Lock()
         self._kill_lock = threading.Lock()  # frames of concurrent inputs must not interleave on the pipe
@@ -374,6 +375,9 @@ class FunctionContainer:
             if self._broken is not None:
                 raise self._broken
             self._inboxes[call_id] = inbox
+            # The reader hands this request's WebSend frames straight to on_send: one thread hop less per frame
+            # than through the inbox (what a gateway round trip costs is mostly such hops).
+            self._web_senders[call_id] = on_send
         try:
             self._send(request)
             deadline = time.monotonic() + timeout
@@ -407,6 +411,7 @@ class FunctionContainer:
         finally:
             with self._inbox_lock:
                 self._inboxes.pop(call_id, None)
+                self._web_senders.pop(call_id, None)
         with self._inbox_lock:
             self.calls_served += 1
         return _outcome(reply)
@@ -429,10 +434,14 @@ class FunctionContainer:
                 return
             call_id = message.call_id if isinstance(message, wire.Result | wire.Item | wire.WebSend) else None
             with self._inbox_lock:
+                sender = self._web_senders.get(call_id) if isinstance(message, wire.WebSend) else None
                 inbox = self._inboxes.get(call_id) if call_id is not None else None
-                if inbox is None and len(self._inboxes) == 1:
+                if sender is None and inbox is None and len(self._inboxes) == 1:
                     # One input waits: whatever the container says is its answer, judged (and refused) there.
                     [inbox] = self._inboxes.values()
+            if sender is not None:
+                sender(message)
+                continue
             if inbox is None:
                 self._break(
                     ProtocolViolationError(
