@@ -11,6 +11,7 @@ Phases, each announced on the control pipe (fd 4) so that the worker can act bet
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import traceback
@@ -156,9 +157,12 @@ def main() -> int:
             return 1
     wire.send_message(control_out, wire.Ready())
 
+    # Past the snapshot point the pipe is read here only, without deadlines: through a buffer, one read() takes
+    # several frames (a web request's body chunks, concurrent inputs).
+    inputs = io.BufferedReader(control_in, 1 << 16)
     while True:
         try:
-            message = wire.recv_message(control_in)
+            message = wire.recv_message(inputs)
         except wire.ChannelClosed:
             break
         if isinstance(message, wire.CallInput):

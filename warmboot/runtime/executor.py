@@ -47,6 +47,11 @@ class Executor:
         with self._write_lock:
             wire.send_message(self._out, message)
 
+    def send_many(self, messages: list[wire.Message]) -> None:
+        if messages:
+            with self._write_lock:
+                wire.send_messages(self._out, messages)
+
     # ----- dispatch -----------------------------------------------------------------------------------------
 
     def submit(self, call: wire.CallInput) -> None:

@@ -181,16 +181,28 @@ class WebHost:
         self._executor.loop().call_soon_threadsafe(inbox.put_nowait, event)
 
     async def _serve(self, request: wire.WebRequest, inbox: asyncio.Queue[dict[str, Any]]) -> None:
+        import asyncio
+
         from warmboot.sdk.context import CALL_ID
 
         CALL_ID.set(request.call_id)
         call_id = request.call_id
-        send_frame = self._executor.send
+        loop = asyncio.get_running_loop()
+        # Frames wait here until there is a reason to write them: a response's start goes with its first body
+        # chunk, and its last chunk with the app's result when the app returns at once (one write, one wake-up
+        # of the worker, instead of three). Anything else, and a last chunk whose app goes on (background tasks),
+        # is written by the end of the loop's current turn.
+        pending: list[wire.Message] = []
+
+        def flush() -> None:
+            if pending:
+                self._executor.send_many(pending[:])
+                pending.clear()
 
         async def send(event: dict[str, Any]) -> None:
             kind = event["type"]
             headers = event.get("headers")
-            send_frame(
+            pending.append(
                 wire.WebSend(
                     call_id,
                     kind,
@@ -204,6 +216,12 @@ class WebHost:
                     reason=event.get("reason"),
                 )
             )
+            if kind == "http.response.start":
+                return
+            if kind == "http.response.body" and not event.get("more_body", False):
+                loop.call_soon(flush)
+                return
+            flush()
 
         try:
             app = self._apps[request.method]
@@ -211,11 +229,12 @@ class WebHost:
         except Exception as exc:  # noqa: BLE001 - the gateway answers 500; the traceback goes to the app's log
             traceback.print_exc()
             sys.stderr.flush()
-            send_frame(wire.Result(call_id, ok=False, message=f"{type(exc).__name__}: {exc}"))
+            pending.append(wire.Result(call_id, ok=False, message=f"{type(exc).__name__}: {exc}"))
         else:
-            send_frame(wire.Result(call_id, ok=True))
+            pending.append(wire.Result(call_id, ok=True))
         finally:
             self._receivers.pop(call_id, None)
+            flush()
 
 
 def _asgi_scope(scope: dict[str, Any], state: dict[str, Any] | None) -> dict[str, Any]:

@@ -218,6 +218,12 @@ class ProtocolError(ValueError):
 
 
 def send(stream: BinaryIO, message: dict[str, Any]) -> None:
+    stream.write(encode(message))
+    stream.flush()
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One frame's bytes (several can go in one write: see :func:`send_messages`)."""
     header: dict[str, Any] = {}
     blobs: list[bytes] = []
     binary: dict[str, int] = {}
@@ -231,8 +237,7 @@ def send(stream: BinaryIO, message: dict[str, Any]) -> None:
         header["_binary"] = binary  # field name -> length, in the order the bytes follow
     body = json.dumps(header, separators=(",", ":")).encode()
     payload = b"".join(blobs)
-    stream.write(_HEADER.pack(len(body), len(payload)) + body + payload)
-    stream.flush()
+    return _HEADER.pack(len(body), len(payload)) + body + payload
 
 
 def _read_exact(stream: BinaryIO, n: int, deadline: float | None = None) -> bytes:
@@ -283,8 +288,18 @@ def recv(stream: BinaryIO, timeout: float | None = None) -> dict[str, Any]:
     return message
 
 
+def _as_dict(message: Message) -> dict[str, Any]:
+    return {"type": message.TYPE, **{f.name: getattr(message, f.name) for f in dataclasses.fields(message)}}
+
+
 def send_message(stream: BinaryIO, message: Message) -> None:
-    send(stream, {"type": message.TYPE, **{f.name: getattr(message, f.name) for f in dataclasses.fields(message)}})
+    send(stream, _as_dict(message))
+
+
+def send_messages(stream: BinaryIO, messages: list[Message]) -> None:
+    """Several frames in one write: the reader takes them in one wake-up (a web response and its result)."""
+    stream.write(b"".join(encode(_as_dict(m)) for m in messages))
+    stream.flush()
 
 
 def recv_message(stream: BinaryIO, timeout: float | None = None) -> Message:

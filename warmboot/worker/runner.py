@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import queue
@@ -72,6 +73,19 @@ class LaunchPlan:
     gpus: gpu_devices.GpuInventory | None = None  #: the GPUs a gpu= function gets
     #: CPU memory snapshot of a GPU function: no GPU before the snapshot point, its GPUs after.
     gpus_after_snapshot: bool = False
+
+
+class _Unclosed(io.RawIOBase):
+    """A raw view of a pipe that a buffered reader may wrap without closing it (its owner closes it)."""
+
+    def __init__(self, raw: Any):
+        self._raw = raw
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        return self._raw.readinto(buffer)
 
 
 #: Marks the gateway's events in a web request's inbox (``FunctionContainer.web_call``).
@@ -426,9 +440,13 @@ class FunctionContainer:
         threading.Thread(target=self._read_replies, name=f"{self.id}-replies", daemon=True).start()
 
     def _read_replies(self) -> None:
+        assert self.container is not None
+        # From READY on this thread is the pipe's only reader and reads without deadlines, so it can read through
+        # a buffer: one read() takes every frame the container wrote at once (a web response is three).
+        stream = io.BufferedReader(_Unclosed(self.container.channels.control_out), 1 << 16)  # type: ignore[arg-type]
         while True:
             try:
-                message = self._recv(None, kill_on_violation=False)
+                message = self._recv(None, kill_on_violation=False, stream=stream)
             except ContainerCrashedError as exc:  # EOF, or a malformed frame (ProtocolViolationError)
                 self._break(exc)
                 return
@@ -540,12 +558,14 @@ class FunctionContainer:
         except (BrokenPipeError, ValueError, OSError) as exc:
             raise ContainerCrashedError(self._death_note("before the input could be sent")) from exc
 
-    def _recv(self, timeout: float | None, *, kill_on_violation: bool = True) -> wire.Message:
+    def _recv(
+        self, timeout: float | None, *, kill_on_violation: bool = True, stream: Any = None
+    ) -> wire.Message:
         """The container's next message, its fields checked against its dataclass (what a container writes is
         untrusted: a wrong type is as malformed as a broken frame)."""
         assert self.container is not None
         try:
-            message = wire.recv_message(self.container.channels.control_out, timeout)
+            message = wire.recv_message(stream or self.container.channels.control_out, timeout)
             return msgspec.convert(
                 {f.name: getattr(message, f.name) for f in dataclasses.fields(message)}, type(message)
             )

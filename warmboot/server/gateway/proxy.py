@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -19,7 +18,7 @@ import h11
 from warmboot.errors import FunctionTimeoutError
 from warmboot.protocol import Outcome
 from warmboot.server.calls import Call
-from warmboot.server.gateway.exchange import Receive, Send, Submit
+from warmboot.server.gateway.exchange import Receive, Send, Submit, next_request_id
 
 #: Connection-level headers: they describe one hop, so they are not forwarded (RFC 9110, 7.6.1).
 _HOP_BY_HOP = {
@@ -65,7 +64,7 @@ async def serve(
             return Outcome(ok=False, error_type=FunctionTimeoutError.__name__, message=timed_out)
         return Outcome(ok=True)
 
-    call: Call = submit(run, "wr-" + uuid.uuid4().hex[:16])
+    call: Call = submit(run, next_request_id())
     call.when_done(lambda done: loop.call_soon_threadsafe(hand_over, done))
     try:
         got = await connected
