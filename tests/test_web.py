@@ -121,6 +121,10 @@ class Model:
     def load(self):
         self.loaded_in = uuid.uuid4().hex  # made once, before the snapshot: every restored copy has the same
 
+    @modal.method()
+    def double(self, x):
+        return [x * 2, self.loaded_in is not None]
+
     @modal.fastapi_endpoint()
     def predict(self, x: int = 1):
         return {{"y": x * 2, "loaded_in": self.loaded_in, "container": os.environ["WARMBOOT_CONTAINER_ID"]}}
@@ -247,6 +251,18 @@ def test_a_restored_endpoint_answers_its_first_request_without_initialising(
     assert first["loaded_in"] == second["loaded_in"]
     log = platform.log_text(web_app["name"])
     assert f"Restored {web_app['name']}.Model from memory snapshot" in log and second["container"] in log
+
+
+def test_a_class_with_a_web_endpoint_serves_its_other_methods_as_calls(
+    platform: Platform, web_app: dict[str, str]
+) -> None:
+    out = platform.python(
+        f"""
+        import json, warmboot
+        print(json.dumps(warmboot.Cls.from_name({web_app["name"]!r}, "Model")().double.remote(21)))
+        """
+    ).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == [42, True]
 
 
 def test_unknown_labels_are_a_clear_404(platform: Platform) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 from warmboot.runtime import wire
 from warmboot.runtime.executor import Executor
-from warmboot.runtime.web import WebHost
+from warmboot.runtime.web import WebHost, serve_inputs_on_loop
 
 CONTROL_IN_FD = 3
 CONTROL_OUT_FD = 4
@@ -159,8 +159,8 @@ def main() -> int:
 
     # Past the snapshot point the pipe is read here only, without deadlines: through a buffer, one read() takes
     # several frames (a web request's body chunks, concurrent inputs).
-    inputs = io.BufferedReader(control_in, 1 << 16)
-    while True:
+    inputs = io.BufferedReader(control_in, 1 << 16) if web is None else None
+    while inputs is not None:
         try:
             message = wire.recv_message(inputs)
         except wire.ChannelClosed:
@@ -169,12 +169,10 @@ def main() -> int:
             executor.submit(message)
         elif isinstance(message, wire.BatchInput):
             executor.submit_batch(message)
-        elif isinstance(message, wire.WebRequest) and web is not None:
-            web.handle(message)
-        elif isinstance(message, wire.WebReceive) and web is not None:
-            web.receive(message)
         else:
             break  # SHUTDOWN
+    if web is not None:
+        serve_inputs_on_loop(control_in, executor, web)
     executor.drain()
     if web is not None:
         try:

@@ -39,6 +39,7 @@ class WebHost:
         self._receivers: dict[str, asyncio.Queue[dict[str, Any]]] = {}
         self._states: dict[str | None, dict[str, Any]] = {}  #: each app's lifespan state
         self._lifespans: list[tuple[asyncio.Queue[dict[str, Any]], asyncio.Task[None]]] = []
+        self._tasks: set[asyncio.Task[None]] = set()  #: requests being served
 
     @classmethod
     def for_target(cls, executor: Executor, target: Any) -> WebHost | None:
@@ -151,21 +152,32 @@ class WebHost:
     # ----- requests -------------------------------------------------------------------------------------------
 
     def handle(self, request: wire.WebRequest) -> None:
-        """Serve ``request`` on the loop; frames for it that arrive meanwhile go to :meth:`receive`."""
+        """Serve ``request`` (called on the loop, by :func:`serve_inputs_on_loop`); frames for it that arrive
+        meanwhile go to :meth:`receive`."""
         import asyncio
 
-        loop = self._executor.loop()
         inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._receivers[request.call_id] = inbox
         if request.scope.get("type") == "websocket":
-            first = {"type": "websocket.connect"}
+            inbox.put_nowait({"type": "websocket.connect"})
         else:
-            first = {"type": "http.request", "body": request.body, "more_body": request.more_body}
-        loop.call_soon_threadsafe(inbox.put_nowait, first)
-        future = asyncio.run_coroutine_threadsafe(self._serve(request, inbox), loop)
-        self._executor.track(future)
+            inbox.put_nowait({"type": "http.request", "body": request.body, "more_body": request.more_body})
+        task = asyncio.get_running_loop().create_task(self._serve(request, inbox))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def drain(self) -> None:
+        """Wait (from another thread) for the requests still being served."""
+        import asyncio
+
+        async def wait() -> None:
+            while self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(wait(), self._executor.loop()).result()
 
     def receive(self, message: wire.WebReceive) -> None:
+        """A later event of a request (called on the loop)."""
         inbox = self._receivers.get(message.call_id)
         if inbox is None:
             return  # the app has returned already: nothing waits for it
@@ -178,7 +190,7 @@ class WebHost:
             event = {"type": message.event, "body": message.body, "more_body": message.more_body}
         else:
             event = {"type": "http.disconnect"}
-        self._executor.loop().call_soon_threadsafe(inbox.put_nowait, event)
+        inbox.put_nowait(event)
 
     async def _serve(self, request: wire.WebRequest, inbox: asyncio.Queue[dict[str, Any]]) -> None:
         import asyncio
@@ -292,3 +304,54 @@ def _wait_for_port(port: int, timeout: float) -> None:
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+def serve_inputs_on_loop(control_in: Any, executor: Executor, web: WebHost) -> None:
+    """A web container's input loop: the pipe is read on the asyncio loop itself, so a request reaches its app
+    with no hand-over between threads. Function inputs (a class's other methods) run on threads. Returns at
+    SHUTDOWN or end of input, once the requests being served have ended."""
+    import asyncio
+    import os
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    loop = executor.loop()
+    fd = control_in.fileno()
+    ended = threading.Event()
+    buffer = bytearray()
+    calls = ThreadPoolExecutor(max(1, executor.max_concurrent), thread_name_prefix="input")
+
+    def stop() -> None:
+        loop.remove_reader(fd)
+        ended.set()
+
+    def readable() -> None:
+        try:
+            data = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return
+        if not data:
+            stop()
+            return
+        buffer.extend(data)
+        try:
+            messages = wire.take_messages(buffer)
+        except wire.ProtocolError:
+            stop()
+            return
+        for message in messages:
+            if isinstance(message, wire.WebRequest):
+                web.handle(message)
+            elif isinstance(message, wire.WebReceive):
+                web.receive(message)
+            elif isinstance(message, wire.CallInput):
+                executor.track(calls.submit(executor.submit, message))
+            else:  # SHUTDOWN
+                stop()
+                return
+
+    os.set_blocking(fd, False)
+    loop.call_soon_threadsafe(loop.add_reader, fd, readable)
+    ended.wait()
+    web.drain()
+    asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result()

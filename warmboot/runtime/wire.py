@@ -292,6 +292,25 @@ def _as_dict(message: Message) -> dict[str, Any]:
     return {"type": message.TYPE, **{f.name: getattr(message, f.name) for f in dataclasses.fields(message)}}
 
 
+def take_messages(buffer: bytearray) -> list[Message]:
+    """The complete frames at the start of ``buffer``, removed from it (for a reader fed by non-blocking reads);
+    checked as :func:`recv_message` checks them."""
+    import io
+
+    found = []
+    while len(buffer) >= _HEADER.size:
+        json_len, blob_len = _HEADER.unpack_from(buffer)
+        if json_len > MAX_JSON or blob_len > MAX_PAYLOAD:
+            raise ProtocolError("message too large")
+        end = _HEADER.size + json_len + blob_len
+        if len(buffer) < end:
+            break
+        frame = bytes(buffer[:end])
+        del buffer[:end]
+        found.append(recv_message(io.BytesIO(frame)))
+    return found
+
+
 def send_message(stream: BinaryIO, message: Message) -> None:
     send(stream, _as_dict(message))
 

@@ -129,7 +129,10 @@ async def serve(
                 inbox.put((CLIENT, wire.WebReceive(call_id, kind, code=event.get("code"))))
                 return
 
-    pump = loop.create_task(pump_client())
+    # The client's later events matter to a request whose body is still coming, to a websocket, and to a
+    # streamed response (a client that leaves an event stream must stop it); a plain request and response
+    # needs no task listening for them.
+    pump = loop.create_task(pump_client()) if more_body or not is_http else None
     started = False
     try:
         while True:
@@ -137,6 +140,8 @@ async def serve(
             if isinstance(item, Call):
                 break
             started = started or item.event in ("http.response.start", "websocket.accept", "websocket.close")
+            if pump is None and item.more_body and item.event == "http.response.body":
+                pump = loop.create_task(pump_client())
             await send(_asgi_event(item))
         outcome = item.outcome
         if outcome is not None and not outcome.ok and not started:
@@ -151,6 +156,7 @@ async def serve(
     except OSError:
         pass  # the client went away; the pump tells the container
     finally:
-        pump.cancel()
+        if pump is not None:
+            pump.cancel()
         if not call.done.is_set():
             inbox.put((CLIENT, wire.WebReceive(call_id, "http.disconnect" if is_http else "websocket.disconnect")))

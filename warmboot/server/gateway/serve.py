@@ -71,6 +71,7 @@ class GatewayServer:
             http="httptools",
             ws="websockets-sansio",
             timeout_graceful_shutdown=5,
+            proxy_headers=False,  # the gateway is the edge: no proxy in front of it to trust
         )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._run, name="gateway", daemon=True)
