@@ -7,7 +7,7 @@
    process, httptools, as the gateway's own uvicorn) and through warmboot (a warm container,
    ``@modal.concurrent(max_inputs=32)``), in the same run, on its ``GET /ping`` route (the route does no work, so
    what is measured is the serving path): p50/p99 latency of sequential requests on one keep-alive connection,
-   and requests per second with 16 concurrent clients.
+   and requests per second with 16 connections from wrk (installed by `make setup`).
 
 Targets (issue 11): p50 overhead <= 2 ms and throughput >= 0.5x the direct uvicorn's.
 Writes docs/benchmarks/web-endpoints.{json,md}. Usage: `.venv/bin/python bench/web_endpoints.py [--runs N]`.
@@ -21,6 +21,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -111,6 +112,24 @@ def latencies(url: str, n: int) -> list[float]:
     return out
 
 
+def throughput(url: str) -> float:
+    """Requests per second with wrk (C, two threads, 16 connections): a Python client tops out first."""
+    out = subprocess.run(
+        ["wrk", "-t2", f"-c{CLIENTS}", f"-d{THROUGHPUT_SECONDS:g}s", url],
+        capture_output=True, text=True, check=True, timeout=THROUGHPUT_SECONDS + 60,
+    ).stdout  # fmt: skip
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)|Socket errors: .*", out)
+    if found is None or errors is not None:
+        raise SystemExit(f"W4: wrk against {url} reported errors or no rate:\n{out}")
+    return float(found.group(1))
+
+
+def throughput_python(url: str) -> float:
+    """The same with 16 concurrent httpx clients in one Python process (client-bound: for comparison only)."""
+    return asyncio.run(_throughput(url, THROUGHPUT_SECONDS, CLIENTS))
+
+
 async def _throughput(url: str, seconds: float, clients: int) -> float:
     done = 0
     deadline = time.perf_counter() + seconds
@@ -129,10 +148,6 @@ async def _throughput(url: str, seconds: float, clients: int) -> float:
         deadline = started + seconds
         await asyncio.gather(*(worker(http) for _ in range(clients)))
         return done / (time.perf_counter() - started)
-
-
-def throughput(url: str) -> float:
-    return asyncio.run(_throughput(url, THROUGHPUT_SECONDS, CLIENTS))
 
 
 def free_port() -> int:
@@ -177,11 +192,11 @@ def steady_state(app: Any) -> dict[str, Any]:
             out: dict[str, Any] = {}
             for label, url in (("direct", direct), ("warmboot", through), ("direct_again", direct)):
                 lat = latencies(url, LATENCY_REQUESTS)
-                rps = throughput(url)
                 out[label] = {
                     "p50_ms": round(statistics.median(lat) * 1000, 3),
                     "p99_ms": round(sorted(lat)[int(len(lat) * 0.99) - 1] * 1000, 3),
-                    "rps": round(rps, 1),
+                    "rps": round(throughput(url), 1),
+                    "rps_python_client": round(throughput_python(url), 1),
                 }
                 console.print(f"  {label:>12}: p50 {out[label]['p50_ms']:.2f} ms, p99 {out[label]['p99_ms']:.2f} ms, "
                               f"{out[label]['rps']:.0f} requests/s")  # fmt: skip
@@ -191,6 +206,8 @@ def steady_state(app: Any) -> dict[str, Any]:
     direct_rps = statistics.mean([out["direct"]["rps"], out["direct_again"]["rps"]])
     out["overhead_p50_ms"] = round(out["warmboot"]["p50_ms"] - direct_p50, 3)
     out["throughput_ratio"] = round(out["warmboot"]["rps"] / direct_rps, 3)
+    direct_py = statistics.mean([out["direct"]["rps_python_client"], out["direct_again"]["rps_python_client"]])
+    out["throughput_ratio_python_client"] = round(out["warmboot"]["rps_python_client"] / direct_py, 3)
     return out
 
 
@@ -216,20 +233,23 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         f"Speed-up: {cold['median_s'] / restore['median_s']:.1f}x.",
         "",
-        f"## Steady state: GET /ping, {LATENCY_REQUESTS} sequential requests on one connection; "
-        f"{CLIENTS} concurrent clients for {THROUGHPUT_SECONDS:g} s",
+        f"## Steady state: GET /ping, {LATENCY_REQUESTS} sequential requests on one connection (httpx); "
+        f"{CLIENTS} connections for {THROUGHPUT_SECONDS:g} s (wrk, and 16 httpx clients for comparison)",
         "",
-        "| served by | p50 | p99 | requests/s |",
-        "|---|---:|---:|---:|",
+        "| served by | p50 | p99 | requests/s (wrk) | requests/s (httpx clients) |",
+        "|---|---:|---:|---:|---:|",
     ]
     for label, title in (("direct", "uvicorn directly"), ("warmboot", "warmboot gateway + container"),
                          ("direct_again", "uvicorn directly (again)")):  # fmt: skip
         s = steady[label]
-        lines.append(f"| {title} | {s['p50_ms']:.2f} ms | {s['p99_ms']:.2f} ms | {s['rps']:.0f} |")
+        lines.append(
+            f"| {title} | {s['p50_ms']:.2f} ms | {s['p99_ms']:.2f} ms | {s['rps']:.0f} | {s['rps_python_client']:.0f} |"
+        )
     lines += [
         "",
         f"Gateway overhead at p50: **{steady['overhead_p50_ms']:.2f} ms** (target <= 2 ms); throughput "
-        f"**{steady['throughput_ratio']:.2f}x** the direct server's (target >= 0.5x).",
+        f"**{steady['throughput_ratio']:.2f}x** the direct server's under wrk (target >= 0.5x; "
+        f"{steady['throughput_ratio_python_client']:.2f}x with Python clients, which saturate before either server).",
         "",
     ]
     return "\n".join(lines)
