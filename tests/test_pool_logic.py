@@ -690,3 +690,61 @@ def test_cancel_ends_a_queued_input_at_once_and_stops_a_running_ones_container(f
     assert after.outcome is not None and after.outcome.ok and fleet.starts == 2, "a fresh container serves on"
     assert fleet.running_calls.count(queued.call_id) == 0, "the cancelled queued input never ran"
     pool.stop()
+
+
+# ----- lent slots (the gateway's fast path) ------------------------------------------------------------------------
+
+
+def _one_idle_container(fleet: Fleet, **settings: object) -> FunctionPool:
+    pool, _ = make_pool(fleet, **settings)
+    fleet.boot_gate.set()
+    fleet.call_gate.set()
+    first = new_call()
+    pool.submit(first)
+    wait_done(first)
+    poll_until("its slots are idle", lambda: pool.counts()["idle"] == settings.get("concurrency", 1))
+    return pool
+
+
+def test_a_lent_slot_is_busy_for_the_pool_until_it_is_given_back(fleet: Fleet) -> None:
+    pool = _one_idle_container(fleet, max_containers=1)
+    lease = pool.try_lease()
+    assert lease is not None and pool.counts()["idle"] == 0
+    assert pool.try_lease() is None, "one slot: lent once"
+    queued = new_call(b"q")
+    pool.submit(queued)  # the container's only slot is lent: this input waits (max_containers=1)
+    assert pool.counts()["waiting"] == 1 and not queued.done.is_set()
+    pool.release(lease)
+    wait_done(queued)
+    assert queued.outcome is not None and queued.outcome.value == b"q" and fleet.starts == 1
+    pool.stop()
+
+
+def test_a_lease_given_back_broken_retires_its_container(fleet: Fleet) -> None:
+    pool = _one_idle_container(fleet, concurrency=2)
+    lease = pool.try_lease()
+    assert lease is not None
+    pool.release(lease, broken=True)
+    assert fleet.containers[0].stopped.wait(WAIT), "its slots ended and the container stopped"
+    later = new_call(b"after")
+    pool.submit(later)
+    wait_done(later)
+    assert later.outcome is not None and later.outcome.value == b"after" and fleet.starts == 2
+    pool.stop()
+
+
+def test_a_container_with_a_lent_slot_does_not_idle_out(fleet: Fleet) -> None:
+    pool = _one_idle_container(fleet, scaledown_window=1.0)
+    lease = pool.try_lease()
+    assert lease is not None
+    # Past the window the container's slot times out, sees the lease and stays; given back, it idles out.
+    assert not fleet.containers[0].stopped.wait(2.5), "an idle-out while a request runs on it"
+    pool.release(lease)
+    assert fleet.containers[0].stopped.wait(WAIT)
+    pool.stop()
+
+
+def test_pools_that_count_inputs_per_container_lend_nothing(fleet: Fleet) -> None:
+    pool = _one_idle_container(fleet, max_inputs=5)
+    assert pool.try_lease() is None
+    pool.stop()

@@ -126,7 +126,7 @@ class Executor:
         with self._loop_lock:
             if self._loop is None:
                 loop = asyncio.new_event_loop()
-                threading.Thread(target=loop.run_forever, name="asyncio", daemon=True).start()
+                threading.Thread(target=_run_loop, args=(loop,), name="asyncio", daemon=True).start()
                 self._loop = loop
             return self._loop
 
@@ -212,6 +212,22 @@ class _CallShapeError(Exception):
 
 async def _awaited(awaitable: Any) -> Any:
     return await awaitable
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Run the container's loop for good, under one long-lived root task.
+
+    Not ``run_forever()``: libraries look for the task that ``run_until_complete`` runs as the loop's root and tie
+    state to it. anyio (Starlette's thread pool for sync endpoints) otherwise takes each request's task as the
+    root and starts a new worker thread for every request, since its workers end with their root task.
+    """
+    import asyncio
+
+    async def root() -> None:
+        await asyncio.Event().wait()  # never set: the loop lives as long as the container
+
+    asyncio.set_event_loop(loop)
+    loop.run_until_complete(root())
 
 
 def _dumps(value: Any) -> bytes:

@@ -288,7 +288,7 @@ def recv(stream: BinaryIO, timeout: float | None = None) -> dict[str, Any]:
     return message
 
 
-def _as_dict(message: Message) -> dict[str, Any]:
+def as_dict(message: Message) -> dict[str, Any]:
     return {"type": message.TYPE, **{f.name: getattr(message, f.name) for f in dataclasses.fields(message)}}
 
 
@@ -312,12 +312,12 @@ def take_messages(buffer: bytearray) -> list[Message]:
 
 
 def send_message(stream: BinaryIO, message: Message) -> None:
-    send(stream, _as_dict(message))
+    send(stream, as_dict(message))
 
 
 def send_messages(stream: BinaryIO, messages: list[Message]) -> None:
     """Several frames in one write: the reader takes them in one wake-up (a web response and its result)."""
-    stream.write(b"".join(encode(_as_dict(m)) for m in messages))
+    stream.write(b"".join(encode(as_dict(m)) for m in messages))
     stream.flush()
 
 

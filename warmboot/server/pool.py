@@ -98,6 +98,20 @@ class _Running:
     handle: ContainerHandle
     slots: int
     retiring: bool = False  #: it takes no more inputs: its slots end as they finish
+    waiting: int = 0  #: its slots idle now, waiting for an input
+    leased: int = 0  #: of those, lent out (:meth:`FunctionPool.try_lease`): they take no input until returned
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An idle slot of a running container, lent to a web request that drives the container itself (the
+    gateway's fast path: no slot thread is woken). :meth:`FunctionPool.release` gives it back."""
+
+    running: _Running
+
+    @property
+    def handle(self) -> ContainerHandle:
+        return self.running.handle
 
 
 class FunctionPool:
@@ -287,6 +301,7 @@ class FunctionPool:
         with self._cond:
             if not already_idle:
                 self._idle += 1
+                running.waiting += 1
             try:
                 while True:
                     if self._stopping or running.retiring:
@@ -294,8 +309,8 @@ class FunctionPool:
                     while self._queue and self._queue[0].done.is_set():
                         self._queue.popleft()  # ended while it waited (cancelled): nothing to run
                     # Inputs that a gathering batch has room for are left to it: taking one here would start a
-                    # second partial batch, and both would wait out wait_ms.
-                    if len(self._queue) > self._batch_room:
+                    # second partial batch, and both would wait out wait_ms. A slot lent out takes nothing.
+                    if len(self._queue) > self._batch_room and running.waiting > running.leased:
                         if self.settings.batch_size > 1:
                             # The batch this input starts counts as capacity from now on (see _gather_batch).
                             self._batch_room += self.settings.batch_size - 1
@@ -305,6 +320,7 @@ class FunctionPool:
                         timed_out
                         and not self._queue
                         and not running.retiring
+                        and not running.leased
                         and len(self._containers) > self.settings.min_containers
                     ):
                         # Leave the count now, under the lock: two containers idling out together must not
@@ -315,6 +331,38 @@ class FunctionPool:
                         return None
             finally:
                 self._idle -= 1
+                running.waiting -= 1
+
+    # ----- lent slots (the gateway's fast path) ---------------------------------------------------------------
+
+    def try_lease(self) -> Lease | None:
+        """An idle slot of a running container, taken without waking its thread; ``None`` when there is none
+        (or inputs are queued: they come first), and the caller submits a call instead."""
+        if self.settings.max_inputs is not None or self.settings.batch_size:
+            return None  # those count inputs per container: they take the ordinary path
+        with self._cond:
+            if self._stopping or self._queue:
+                return None
+            for running in self._containers.values():
+                if not running.retiring and running.waiting > running.leased:
+                    running.leased += 1
+                    self._idle -= 1
+                    return Lease(running)
+        return None
+
+    def release(self, lease: Lease, *, broken: bool = False) -> None:
+        """Give a lent slot back; ``broken``: its container failed (it stops, and its other slots with it)."""
+        with self._cond:
+            lease.running.leased -= 1
+            self._idle += 1
+            if broken:
+                lease.running.retiring = True
+                self._cond.notify_all()  # its slots end
+            elif self._queue:
+                # A queued input may take the slot now. Every waiting slot hears it (one woken at random could be
+                # a slot whose container has none free, and the input would wait out a scale-down window); with
+                # nothing queued, nobody needs waking.
+                self._cond.notify_all()
 
     def _serve_slot(self, running: _Running) -> None:
         try:
@@ -377,6 +425,7 @@ class FunctionPool:
                     # Idle again *before* the caller hears back, so that its next call finds this container
                     # instead of starting another one.
                     self._idle += 1
+                    running.waiting += 1
                     idle = True
             for each, outcome in zip(calls, outcomes, strict=True):
                 self._finish(each, outcome)

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import io
 import logging
 import os
 import queue
 import signal
 import socket
+import struct
+import termios
 import threading
 import time
 import uuid
@@ -87,6 +90,16 @@ class _Unclosed(io.RawIOBase):
     def readinto(self, buffer: Any) -> int:
         return self._raw.readinto(buffer)
 
+
+class _Deliver:
+    """An inbox that hands each message on at once (to an event loop) instead of queueing it for a thread."""
+
+    def __init__(self, deliver: Callable[[Any], None]):
+        self.put = deliver
+
+
+#: The largest request frame the gateway's fast path writes from its event loop (larger ones take a slot thread).
+_FAST_FRAME_MAX = 16 << 10
 
 #: Marks the gateway's events in a web request's inbox (``FunctionContainer.web_call``).
 CLIENT = object()
@@ -429,6 +442,51 @@ class FunctionContainer:
         with self._inbox_lock:
             self.calls_served += 1
         return _outcome(reply)
+
+    def web_begin(
+        self, request: wire.WebRequest, deliver: Callable[[Any], None], on_send: Callable[[wire.WebSend], None]
+    ) -> bool:
+        """Send a web request from an event loop, never blocking it (the gateway's fast path, on a lent slot).
+
+        The frame is written only if no other writer holds the pipe and the pipe has room for all of it; then the
+        container's ``WebSend`` frames go to ``on_send`` and its ``Result`` (or the error that broke the
+        container) to ``deliver``, until :meth:`web_end`. False: nothing was sent; use :meth:`web_call`.
+        """
+        assert self.container is not None
+        data = wire.encode(wire.as_dict(request))
+        if len(data) > _FAST_FRAME_MAX or not self._send_lock.acquire(blocking=False):
+            return False
+        try:
+            pipe = self.container.channels.control_in
+            unread = struct.unpack("i", fcntl.ioctl(pipe, termios.FIONREAD, b"\0\0\0\0"))[0]
+            if unread + len(data) > fcntl.fcntl(pipe, fcntl.F_GETPIPE_SZ):
+                return False
+            with self._inbox_lock:
+                if self._broken is not None:
+                    return False
+                self._inboxes[request.call_id] = _Deliver(deliver)  # type: ignore[assignment]
+                self._web_senders[request.call_id] = on_send
+            try:
+                os.write(pipe.fileno(), data)  # room was checked: this does not block
+            except OSError:
+                self.web_end(request.call_id, served=False)
+                return False
+            return True
+        finally:
+            self._send_lock.release()
+
+    def send_input(self, message: wire.WebReceive) -> None:
+        """A client event for a web request started with :meth:`web_begin` (blocking: from a thread)."""
+        with contextlib.suppress(ContainerCrashedError):
+            self._send(message)
+
+    def web_end(self, call_id: str, *, served: bool = True) -> None:
+        """The end of a request started with :meth:`web_begin`."""
+        with self._inbox_lock:
+            self._inboxes.pop(call_id, None)
+            self._web_senders.pop(call_id, None)
+            if served:
+                self.calls_served += 1
 
     def connect(self, port: int, timeout: float = 10.0) -> socket.socket:
         """A connection to ``port`` inside the container (a ``web_server`` function's server)."""

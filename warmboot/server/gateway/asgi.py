@@ -12,6 +12,7 @@ from warmboot.server.calls import Call
 from warmboot.server.gateway import exchange, proxy
 from warmboot.server.gateway.routes import Endpoint, RouteTable
 from warmboot.server.gateway.tokens import KEY_HEADER, SECRET_HEADER, ProxyTokens
+from warmboot.server.pool import FunctionPool, Lease
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -89,7 +90,7 @@ class Gateway:
             else:
                 await exchange.serve(
                     submit, scope, receive, send, path=path, root_path=root_path, method=endpoint.method,
-                    error_page=error_page,
+                    error_page=error_page, lease=self._leaser(endpoint),
                 )  # fmt: skip
         except WarmbootError as exc:  # the app stopped, or its pool refused the request
             if scope["type"] == "http":
@@ -115,6 +116,19 @@ class Gateway:
         headers = dict(scope.get("headers", []))
         key, secret = headers.get(KEY_HEADER), headers.get(SECRET_HEADER)
         return self.tokens.verify(key.decode("latin-1") if key else None, secret.decode("latin-1") if secret else None)
+
+    def _leaser(self, endpoint: Endpoint) -> Callable[[], tuple[FunctionPool, Lease] | None]:
+        """The fast path's first step: an idle slot of a running container of the endpoint's pool, if any."""
+
+        def lease() -> tuple[FunctionPool, Lease] | None:
+            app = self.plane.running_app(app_id=endpoint.app_id)
+            pool = app.pools.get(endpoint.tag)  # the default variant's pool (a parametrized one's key differs)
+            if pool is None:
+                return None
+            slot = pool.try_lease()
+            return (pool, slot) if slot is not None else None
+
+        return lease
 
     def _submitter(self, endpoint: Endpoint) -> Callable[[Callable[[Any, float], Outcome], str], Call]:
         def submit(run: Callable[[Any, float], Outcome], call_id: str) -> Call:

@@ -15,10 +15,11 @@ import queue
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from warmboot.errors import FunctionTimeoutError
+from warmboot.errors import FunctionTimeoutError, ProtocolViolationError
 from warmboot.protocol import Outcome
 from warmboot.runtime import wire
 from warmboot.server.calls import Call
+from warmboot.server.pool import FunctionPool, Lease
 from warmboot.worker.runner import CLIENT
 
 _request_numbers = itertools.count(1)
@@ -87,6 +88,7 @@ async def serve(
     root_path: str,
     method: str | None,
     error_page: Callable[[Send, int, str], Awaitable[None]],
+    lease: Callable[[], tuple[FunctionPool, Lease] | None] | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     call_id = next_request_id()
@@ -107,6 +109,15 @@ async def serve(
 
     def on_send(message: wire.WebSend) -> None:
         loop.call_soon_threadsafe(events.put_nowait, message)
+
+    lent = lease() if lease is not None and is_http and not more_body else None
+    if lent is not None:
+        pool, slot = lent
+        container = slot.handle
+        if container.web_begin(request, on_send, on_send):  # type: ignore[attr-defined]
+            await _serve_on_lease(pool, slot, request, receive, send, events, error_page)  # type: ignore[arg-type]
+            return
+        pool.release(slot)
 
     def run(container: Any, timeout: float) -> Outcome:
         return container.web_call(request, inbox, on_send, timeout)
@@ -160,3 +171,66 @@ async def serve(
             pump.cancel()
         if not call.done.is_set():
             inbox.put((CLIENT, wire.WebReceive(call_id, "http.disconnect" if is_http else "websocket.disconnect")))
+
+
+async def _serve_on_lease(
+    pool: FunctionPool,
+    slot: Lease,
+    request: wire.WebRequest,
+    receive: Receive,
+    send: Send,
+    events: asyncio.Queue[Any],
+    error_page: Callable[[Send, int, str], Awaitable[None]],
+) -> None:
+    """The fast path: a plain HTTP request on a slot lent by its pool, whose frames this task wrote itself; the
+    container's reader thread hands its answer straight here. No thread of the pool is woken."""
+    loop = asyncio.get_running_loop()
+    container: Any = slot.handle
+    call_id = request.call_id
+    broken = False
+    started = False
+    pump: asyncio.Task[None] | None = None
+
+    async def pump_client() -> None:  # a streamed response: the client leaving must reach the app
+        while True:
+            event = await receive()
+            if event["type"] == "http.disconnect":
+                message = wire.WebReceive(call_id, "http.disconnect")
+                await loop.run_in_executor(None, container.send_input, message)
+                return
+
+    try:
+        async with asyncio.timeout(pool.settings.timeout):
+            while True:
+                item = await events.get()
+                if isinstance(item, wire.WebSend):
+                    started = started or item.event == "http.response.start"
+                    if pump is None and item.more_body and item.event == "http.response.body":
+                        pump = loop.create_task(pump_client())
+                    await send(_asgi_event(item))
+                    continue
+                if isinstance(item, wire.Result):
+                    if item.call_id != call_id:
+                        broken = True  # the reader routes by call id: this cannot be for another request
+                        raise ProtocolViolationError(f"a result for {item.call_id} reached web request {call_id}")
+                    if not item.ok and not started:
+                        await error_page(send, 500, item.message or "the endpoint failed")
+                    return
+                # The container broke (its reader put the error here): it stops, and the pool replaces it.
+                broken = True
+                if not started:
+                    await error_page(send, 502, str(item))
+                return
+    except TimeoutError:
+        broken = True
+        await loop.run_in_executor(None, container.kill)
+        if not started:
+            message = f"{pool.settings.label} web request {call_id} exceeded the function's timeout"
+            await error_page(send, 504, f"{message} of {pool.settings.timeout:g} s; the container was stopped")
+    except OSError:
+        pass  # the client went away
+    finally:
+        if pump is not None:
+            pump.cancel()
+        container.web_end(call_id, served=not broken)
+        pool.release(slot, broken=broken)
