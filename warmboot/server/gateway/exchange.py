@@ -15,7 +15,7 @@ import queue
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from warmboot.errors import FunctionTimeoutError, ProtocolViolationError
+from warmboot.errors import FunctionTimeoutError, ProtocolViolationError, WarmbootError
 from warmboot.protocol import Outcome
 from warmboot.runtime import wire
 from warmboot.server.calls import Call
@@ -216,8 +216,15 @@ async def _serve_on_lease(
                     if not item.ok and not started:
                         await error_page(send, 500, item.message or "the endpoint failed")
                     return
-                # The container broke (its reader put the error here): it stops, and the pool replaces it.
+                # The container broke (its reader put the error here), or answered out of turn: it stops, and
+                # the pool replaces it.
                 broken = True
+                if not isinstance(item, WarmbootError):
+                    item = ProtocolViolationError(
+                        f"{pool.settings.label} answered web request {call_id} with a {item.TYPE!r} message; "
+                        "its container was stopped"
+                    )
+                    await loop.run_in_executor(None, container.kill)
                 if not started:
                     await error_page(send, 502, str(item))
                 return
