@@ -111,3 +111,11 @@ class Platform:
     def log_text(self, app_name: str) -> str:
         path = self.home / "logs" / f"{app_name}.log"
         return path.read_text() if path.exists() else ""
+
+
+def wait_for(what: str, check: object, timeout: float = 120.0) -> None:
+    """Poll ``check()`` until it is true (for states in other processes, which tell nobody), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.02)

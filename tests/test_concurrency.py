@@ -7,12 +7,11 @@ siblings), so a test knows what runs at once without timing anything.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from platform_helpers import Platform
+from platform_helpers import Platform, wait_for
 
 SOURCE = """
 import asyncio, fcntl, os, time
@@ -97,13 +96,6 @@ def breaks_after(n):
 """
 
 
-def _wait_for(what: str, check: object, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def app(platform: Platform) -> tuple[str, Path]:
     name = f"conc-{uuid.uuid4().hex[:8]}"
@@ -127,7 +119,7 @@ def test_a_sync_function_runs_up_to_max_inputs_at_once_and_no_more(platform: Pla
         print(json.dumps([f.spawn(t).object_id for t in ("a", "b", "c")]))
         """,
     )
-    _wait_for("two inputs run", lambda: len(list(meet.glob("running-*"))) == 2)
+    wait_for("two inputs run", lambda: len(list(meet.glob("running-*"))) == 2)
     (meet / "release").touch()
     results = _run(
         platform,

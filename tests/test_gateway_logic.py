@@ -53,7 +53,9 @@ def _request(gateway: Gateway, path: str, headers: list[tuple[bytes, bytes]] | N
 
 def _gateway(apps: dict[str, Any], tokens: ProxyTokens, *, require_all: bool = False) -> tuple[Gateway, list[Any]]:
     submitted: list[Any] = []
-    gateway = Gateway(SimpleNamespace(apps=apps), tokens, require_all=require_all)  # type: ignore[arg-type]
+    # No pool has a warm container here: the fast path finds no slot to borrow, and requests go to submit().
+    plane = SimpleNamespace(apps=apps, running_app=lambda **_: SimpleNamespace(pools={}))
+    gateway = Gateway(plane, tokens, require_all=require_all)  # type: ignore[arg-type]
 
     def submitter(endpoint: Any) -> Any:  # stands in for the pools: records the endpoint, then refuses (503)
         def submit(run: Any, call_id: str) -> Any:

@@ -10,12 +10,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from platform_helpers import Platform
+from platform_helpers import Platform, wait_for
 
 SOURCE = """
 import os, time
@@ -98,13 +97,6 @@ class Counter:
     def double(self, x):
         return 2 * x
 """
-
-
-def _wait_for(what: str, check: object, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
 
 
 @pytest.fixture(scope="module")
@@ -275,7 +267,7 @@ def test_cancel_a_queued_and_a_running_call(platform: Platform, app: tuple[str, 
         print(json.dumps([f.spawn(t).object_id for t in ({a!r}, {b!r})]))
         """,
     )
-    _wait_for("the first call runs", lambda: (meet / f"running-{a}").exists())
+    wait_for("the first call runs", lambda: (meet / f"running-{a}").exists())
     (meet / f"release-{c}").touch()
     out = _run(
         platform,

@@ -11,12 +11,11 @@ import json
 import re
 import signal
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import httpx
-from platform_helpers import WARMBOOT, Platform
+from platform_helpers import WARMBOOT, Platform, wait_for
 
 HELD = """
 import fcntl, os, time
@@ -50,13 +49,6 @@ def held():
 """
 
 
-def _wait_for(what: str, check: object, timeout: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
-
-
 def test_requests_beyond_what_containers_accept_queue_within_max_containers(platform: Platform) -> None:
     name = f"held-{uuid.uuid4().hex[:6]}"
     volume = f"{name}-meet"
@@ -65,7 +57,7 @@ def test_requests_beyond_what_containers_accept_queue_within_max_containers(plat
     url = f"{platform.gateway_url}/{name}-held"
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(httpx.get, f"{url}/{tag}", timeout=300) for tag in ("a", "b", "c")]
-        _wait_for("two requests run in the one container", lambda: len(list(meet.glob("running-*"))) == 2)
+        wait_for("two requests run in the one container", lambda: len(list(meet.glob("running-*"))) == 2)
         (meet / "release").touch()
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200, 200, 200]
@@ -106,7 +98,7 @@ def test_serve_reloads_the_app_when_its_file_changes_and_stops_it_on_ctrl_c(plat
         assert url is not None and url.endswith(f"/{name}-page-dev"), url
         assert httpx.get(url, timeout=120).text == "version one"
         path.write_text(SERVED.format(app=name, version="version two"))
-        _wait_for("the new version serves", lambda: httpx.get(url, timeout=120).text == "version two")
+        wait_for("the new version serves", lambda: httpx.get(url, timeout=120).text == "version two")
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:

@@ -300,17 +300,7 @@ class FunctionContainer:
             self._send(wire.CallInput(call_id=call_id, args=args, method=method, generator=on_item is not None))
             deadline = time.monotonic() + timeout
             while True:
-                try:
-                    reply = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    self.kill()
-                    raise FunctionTimeoutError(
-                        f"{self.plan.label} call {call_id} exceeded its timeout of {timeout:g} s; "
-                        "the container was stopped"
-                    ) from None
-                if isinstance(reply, WarmbootError):
-                    self.kill()  # fully, output drained, before the caller hears why it stopped
-                    raise reply
+                reply = self._next_reply(inbox, deadline, timeout, f"call {call_id}")
                 answers = isinstance(reply, wire.Result | wire.Item) and reply.call_id == call_id
                 if answers and isinstance(reply, wire.Item) and on_item is not None:
                     on_item(reply.value)
@@ -356,17 +346,7 @@ class FunctionContainer:
             )
             deadline = time.monotonic() + timeout
             for call_id, _ in calls:
-                try:
-                    reply = inboxes[call_id].get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    self.kill()
-                    raise FunctionTimeoutError(
-                        f"{self.plan.label} batch of {len(calls)} calls exceeded its timeout of {timeout:g} s; "
-                        "the container was stopped"
-                    ) from None
-                if isinstance(reply, WarmbootError):
-                    self.kill()
-                    raise reply
+                reply = self._next_reply(inboxes[call_id], deadline, timeout, f"batch of {len(calls)} calls")
                 if not isinstance(reply, wire.Result) or reply.call_id != call_id:
                     violation = ProtocolViolationError(
                         f"container {self.id} of {self.plan.label} answered call {call_id} of a batch with a "
@@ -383,6 +363,22 @@ class FunctionContainer:
         with self._inbox_lock:
             self.calls_served += len(calls)
         return outcomes
+
+    def _next_reply(self, inbox: queue.SimpleQueue[Any], deadline: float, timeout: float, what: str) -> Any:
+        """The next message for an input, by its deadline. Past the deadline the container is killed and
+        :class:`FunctionTimeoutError` raised; an error that broke the channel is raised once the kill is complete
+        (output drained), so that the caller hears why only after it stopped."""
+        try:
+            reply = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            self.kill()
+            raise FunctionTimeoutError(
+                f"{self.plan.label} {what} exceeded its timeout of {timeout:g} s; the container was stopped"
+            ) from None
+        if isinstance(reply, WarmbootError):
+            self.kill()
+            raise reply
+        return reply
 
     def web_call(
         self,
@@ -409,20 +405,10 @@ class FunctionContainer:
             self._send(request)
             deadline = time.monotonic() + timeout
             while True:
-                try:
-                    reply = inbox.get(timeout=max(0.0, deadline - time.monotonic()))
-                except queue.Empty:
-                    self.kill()
-                    raise FunctionTimeoutError(
-                        f"{self.plan.label} web request {call_id} exceeded the function's timeout of {timeout:g} s; "
-                        "the container was stopped"
-                    ) from None
+                reply = self._next_reply(inbox, deadline, timeout, f"web request {call_id}")
                 if isinstance(reply, tuple) and reply[0] is CLIENT:
                     self._send(reply[1])
                     continue
-                if isinstance(reply, WarmbootError):
-                    self.kill()
-                    raise reply
                 if isinstance(reply, wire.WebSend) and reply.call_id == call_id:
                     on_send(reply)
                     continue
@@ -616,9 +602,7 @@ class FunctionContainer:
         except (BrokenPipeError, ValueError, OSError) as exc:
             raise ContainerCrashedError(self._death_note("before the input could be sent")) from exc
 
-    def _recv(
-        self, timeout: float | None, *, kill_on_violation: bool = True, stream: Any = None
-    ) -> wire.Message:
+    def _recv(self, timeout: float | None, *, kill_on_violation: bool = True, stream: Any = None) -> wire.Message:
         """The container's next message, its fields checked against its dataclass (what a container writes is
         untrusted: a wrong type is as malformed as a broken frame)."""
         assert self.container is not None
