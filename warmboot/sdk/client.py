@@ -86,7 +86,15 @@ def _raise_from(reply: protocol.Reply) -> None:
     cls = getattr(errors, reply.error_type or "", None)
     if not (isinstance(cls, type) and issubclass(cls, errors.WarmbootError)):
         cls = errors.ServerError
-    raise cls(reply.message)
+    message = reply.message
+    op = message.split("'")[1] if message.startswith("unknown server operation '") else None
+    if op in protocol.REQUESTS:
+        # This SDK knows the operation, so the server is older: one started before warmboot was upgraded.
+        message += (
+            "\nThe running server is from an older warmboot than this client: stop it (`warmboot server stop`) "
+            "and the next command starts the new one"
+        )
+    raise cls(message)
 
 
 def _recv_exact(sock: socket.socket, n: int, op: str) -> bytes:
