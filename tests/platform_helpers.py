@@ -13,6 +13,10 @@ import time
 from pathlib import Path
 
 WARMBOOT = str(Path(sys.executable).parent / "warmboot")
+#: The columns of `warmboot snapshot list`, in order (tests read its table).
+SNAPSHOT_LIST_COLUMNS = [
+    "function", "key", "state", "size", "created", "made in", "restores", "restore p50/p95", "cold p50", "note",
+]  # fmt: skip
 
 
 class Platform:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from platform_helpers import WARMBOOT, Platform
+from platform_helpers import SNAPSHOT_LIST_COLUMNS, WARMBOOT, Platform
 
 # ----- helpers -------------------------------------------------------------------------------------------
 
@@ -111,7 +111,7 @@ def _snapshot_rows(platform: Platform, label: str) -> list[dict[str, str]]:
     # A wide terminal, so that rich never wraps a cell onto a second line.
     env = {**platform.env, "COLUMNS": "400"}
     out = subprocess.run([WARMBOOT, "snapshot", "list"], env=env, capture_output=True, text=True, check=True).stdout
-    columns = ["function", "key", "state", "size", "created", "made in", "restores", "last restore", "note"]
+    columns = SNAPSHOT_LIST_COLUMNS
     rows = []
     for line in out.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from platform_helpers import WARMBOOT, Platform
+from platform_helpers import SNAPSHOT_LIST_COLUMNS, WARMBOOT, Platform
 
 import warmboot as modal
 from warmboot.errors import InvalidOptionError, ServerRestartedError, UnsupportedOptionError
@@ -367,7 +367,7 @@ def _snapshot_rows(platform: Platform, name: str) -> dict[str, dict[str, str]]:
     """`warmboot snapshot list` rows of app ``name``, by their function column."""
     env = {**platform.env, "COLUMNS": "400"}
     out = subprocess.run([WARMBOOT, "snapshot", "list"], env=env, capture_output=True, text=True, check=True).stdout
-    columns = ["function", "key", "state", "size", "created", "made in", "restores", "last restore", "note"]
+    columns = SNAPSHOT_LIST_COLUMNS
     rows = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.split("│")[1:-1]]

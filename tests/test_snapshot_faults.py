@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from platform_helpers import Platform
+from platform_helpers import SNAPSHOT_LIST_COLUMNS, Platform
 
 BACKOFF_S = "1"
 ENV = {"WARMBOOT_SNAPSHOT_BACKOFF_S": BACKOFF_S, "COLUMNS": "400"}  # a wide terminal: rich wraps no cell
-CLI_COLUMNS = ["function", "key", "state", "size", "created", "made in", "restores", "last restore", "note"]
+CLI_COLUMNS = SNAPSHOT_LIST_COLUMNS
 
 # Calls a function once in a fresh SDK process; prints the result as one JSON line.
 _CALL = """

@@ -169,6 +169,13 @@ class ServerStop:
 
 
 @dataclass(frozen=True)
+class StartLogList:
+    """Every container start kept in the start log (of one snapshot key), with its phases."""
+
+    key: str | None = None
+
+
+@dataclass(frozen=True)
 class WebUrl:
     """The URL of a function's (or a class method's) web endpoint."""
 
@@ -213,6 +220,7 @@ REQUESTS: dict[str, type] = {
     "snapshot_list": SnapshotList,
     "snapshot_rm": SnapshotRm,
     "server_stop": ServerStop,
+    "start_log": StartLogList,
     "web_url": WebUrl,
     "web_list": WebList,
     "token_create": TokenCreate,

@@ -17,15 +17,17 @@ snapshots = typer.Typer(help="Memory snapshots of deployed functions.", no_args_
 
 @snapshots.command("list")
 def snapshot_list() -> None:
-    """List memory snapshots: function, key, state, size, when made, restores, the last restore's time, and why
-    a snapshot is not in use (its state's reason, and when it is tried again after a back-off).
+    """List memory snapshots: function, key, state, size, when made, restores, the restore time (p50/p95) and
+    the cold boot time (p50) measured for the function, and why a snapshot is not in use (its state's reason,
+    when it is tried again after a back-off, or that the function boots cold because that is faster).
 
     Example:
 
         warmboot snapshot list
     """
     rows = client.request("snapshot_list")
-    table = Table("function", "key", "state", "size", "created", "made in", "restores", "last restore", "note")
+    table = Table("function", "key", "state", "size", "created", "made in", "restores", "restore p50/p95",
+                  "cold p50", "note")  # fmt: skip
     for r in rows:
         table.add_row(
             escape(f"{r['app_name']}.{r['tag']}"),  # a parameter set's values are the user's text
@@ -35,7 +37,8 @@ def snapshot_list() -> None:
             timestamp(r["created_at"]),
             f"{r['create_seconds']:.2f} s" if r["create_seconds"] else "-",
             str(r["restores"]),
-            f"{r['last_restore_ms']:.0f} ms at {timestamp(r['last_restore_at'])}" if r["last_restore_ms"] else "-",
+            f"{r['restore_p50_ms']:.0f}/{r['restore_p95_ms']:.0f} ms" if r.get("restore_p50_ms") else "-",
+            f"{r['cold_p50_ms']:.0f} ms" if r.get("cold_p50_ms") else "-",
             _note(r),
         )
     console.print(table)
@@ -43,6 +46,8 @@ def snapshot_list() -> None:
 
 def _note(row: dict) -> str:
     note = (row["reason"] or "")[:100]
+    if row.get("boots_cold"):
+        note = (note + "; " if note else "") + "boots cold: faster than a restore here (rechecked now and then)"
     retry_at = row.get("retry_at")
     if retry_at and retry_at > time.time():
         note += f" (tried again after {timestamp(retry_at)})"

@@ -292,6 +292,7 @@ class RunningApp:
                     variant,
                 ),
                 app_name=self.record.name,
+                starts=self.server.starts,
                 tag=variant.describe(),
                 reseed=bool(self.record.spec.get("reseed_after_restore", True)),
             )
@@ -314,7 +315,7 @@ class RunningApp:
             batch_size=int(batching["max_batch_size"]) if batching else 0,
             batch_wait=int(batching["wait_ms"]) / 1000 if batching else 0.0,
         )
-        return FunctionPool(settings, launcher, self.event, stopped=stopped)
+        return FunctionPool(settings, launcher, self.event, stopped=stopped, on_first_input=launcher.first_input)
 
     def event(self, text: str) -> None:
         log.info("%s: %s", self.record.name, text)

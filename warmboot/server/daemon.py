@@ -45,6 +45,7 @@ from warmboot.server.gateway.tokens import ProxyTokens
 from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.logs import LogBook
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
+from warmboot.server.start_log import StartLog, cold_is_faster
 from warmboot.server.state import AppRecord, State
 from warmboot.worker import cgroups, gpus, runtime_lib
 from warmboot.worker import container as containers
@@ -67,6 +68,7 @@ class ControlPlane:
         store = SnapshotStore(self.home / "snapshots")
         self.snapshots = SnapshotRegistry(self.state.connection, self.state.lock, store)
         self.calls = CallBook(self.state.connection, self.state.lock)
+        self.starts = StartLog(self.state.connection, self.state.lock)  #: each start's times (server.start_log)
         self.apps: dict[str, RunningApp] = {}
         self.gpu_allocator = GpuAllocator(gpus.inventory())  #: this host's GPUs, shared by every app's pools
         self._lock = threading.Lock()
@@ -308,7 +310,24 @@ class ControlPlane:
             emit("line", line)
 
     def op_snapshot_list(self, request: protocol.SnapshotList) -> list[dict[str, Any]]:
-        return [vars(r) for r in self.snapshots.list()]
+        rows = []
+        for record in self.snapshots.list():
+            restore, cold = self.starts.stats(record.key, "restore"), self.starts.stats(record.key, "cold")
+            rows.append(
+                {
+                    **vars(record),
+                    "restore_p50_ms": restore.p50_ms,
+                    "restore_p95_ms": restore.p95_ms,
+                    "restore_phases_p50_ms": restore.phases_p50_ms,
+                    "cold_p50_ms": cold.p50_ms,
+                    "cold_starts": cold.n,
+                    "boots_cold": cold_is_faster(cold, restore),
+                }
+            )
+        return rows
+
+    def op_start_log(self, request: protocol.StartLogList) -> list[dict[str, Any]]:
+        return self.starts.rows(request.key)
 
     def op_snapshot_rm(self, request: protocol.SnapshotRm) -> dict[str, Any]:
         if not request.key.strip():

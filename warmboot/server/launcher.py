@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from warmboot.errors import ContainerBootError, ContainerError, SnapshotError
 from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.snapshots import SnapshotRegistry
+from warmboot.server.start_log import StartChoice, StartLog
 from warmboot.worker import gpus as gpu_devices
 from warmboot.worker.runner import FunctionContainer, LaunchPlan, OutputSink
 
@@ -32,6 +33,7 @@ class SnapshotPlan:
     app_name: str
     tag: str
     reseed: bool = True
+    starts: StartLog | None = None  #: where each start's times go (and what decides restore or cold boot)
 
 
 @dataclass
@@ -63,6 +65,7 @@ class Launcher:
         self._event = on_event
         self.snapshots = snapshots
         self.gpus = gpus
+        self._choice = StartChoice()
 
     def __call__(self) -> FunctionContainer:
         """A started container, ready for inputs (holding GPUs of its own, for a gpu= function)."""
@@ -86,27 +89,47 @@ class Launcher:
 
     def _launch(self, plan: LaunchPlan) -> FunctionContainer:
         snap = self.snapshots
-        if snap is not None and (restored := self._restore(plan, snap)) is not None:
+        if snap is not None and self._should_restore(snap) and (restored := self._restore(plan, snap)) is not None:
             return restored
         fc = FunctionContainer(plan, self._on_output)
         started = time.monotonic()
+        snapshot_seconds = 0.0
         try:
             fc.boot(snapshot_phase=snap is not None)
-            if (
-                snap is not None
-                and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag)
-                and not self._make_snapshot(fc, snap)
-            ):
-                # The dump failed in a way that leaves this container's state unknown (CRIU hung and was killed):
-                # boot another one. The key is 'failed' now, so that one does not try to snapshot again.
-                fc.kill()
-                return self._launch(plan)
+            booted = time.monotonic()
+            if snap is not None and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag):
+                if not self._make_snapshot(fc, snap):
+                    # The dump failed in a way that leaves this container's state unknown (CRIU hung and was
+                    # killed): boot another one. The key is 'failed' now, so that one does not try again.
+                    fc.kill()
+                    return self._launch(plan)
+                snapshot_seconds = time.monotonic() - booted
             fc.start(self._start_env())
         except BaseException:
             fc.kill()
             raise
-        self._event(f"Container {fc.id} started for {self.label} (cold boot in {time.monotonic() - started:.2f} s)")
+        seconds = time.monotonic() - started
+        self._event(f"Container {fc.id} started for {self.label} (cold boot in {seconds:.2f} s)")
+        if snap is not None and snap.starts is not None:
+            # The snapshot's own creation is not part of what a cold boot costs.
+            phases = {"boot_ms": (booted - started) * 1000, "start_ms": fc.timings.get("start_ms", 0.0)}
+            fc.start_row = snap.starts.record(snap.key, "cold", fc.id, (seconds - snapshot_seconds) * 1000, phases)
         return fc
+
+    def _should_restore(self, snap: SnapshotPlan) -> bool:
+        """Restore, unless the measured times say that this function boots faster cold (``start_log``)."""
+        if snap.starts is None:
+            return True
+        kind, why = self._choice.next_kind(snap.starts.stats(snap.key, "cold"), snap.starts.stats(snap.key, "restore"))
+        if why:
+            self._event(f"{self.label}: {why}")
+        return kind == "restore"
+
+    def first_input(self, fc: FunctionContainer, millis: float) -> None:
+        """The pool's report of a container's first input: the last phase of its start."""
+        row = getattr(fc, "start_row", None)
+        if row is not None and self.snapshots is not None and self.snapshots.starts is not None:
+            self.snapshots.starts.first_input(row, millis)
 
     def _restore(self, plan: LaunchPlan, snap: SnapshotPlan) -> FunctionContainer | None:
         """A container restored from the snapshot, or ``None`` (no usable snapshot, or the restore failed)."""
@@ -128,6 +151,8 @@ class Launcher:
         millis = (time.monotonic() - started) * 1000
         snap.registry.restored(snap.key, millis)
         t = fc.timings
+        if snap.starts is not None:
+            fc.start_row = snap.starts.record(snap.key, "restore", fc.id, millis, dict(t))
         self._event(
             f"Restored {self.label} from memory snapshot in {millis:.0f} ms (container {fc.id}: checks "
             f"{t.get('check_ms', 0):.0f} ms, CRIU restore {t.get('criu_restore_ms', 0):.0f} ms, "

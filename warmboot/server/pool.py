@@ -124,8 +124,11 @@ class FunctionPool:
         on_event: Callable[[str], None],
         stopped: threading.Event | None = None,
         schedule: Callable[[float, Callable[[], None]], None] | None = None,
+        on_first_input: Callable[[ContainerHandle, float], None] | None = None,
     ):
         self.settings = settings
+        #: Told how long each container's first input took (the last phase of its start: ``server.start_log``).
+        self._on_first_input = on_first_input
         #: Runs a callable after a delay (a retry's back-off); tests pass a fake clock.
         self._schedule = schedule or _after
         #: Set by stop(): a start still waiting for GPUs (``server.launcher``) gives up.
@@ -414,7 +417,10 @@ class FunctionPool:
                     each.fail(ContainerCrashedError(f"{self.settings.label}: internal error running the call: {exc}"))
                 return
             if fc.calls_served == len(calls):
-                self._event(f"First input on container {fc.id} took {(time.monotonic() - began) * 1000:.0f} ms")
+                first_ms = (time.monotonic() - began) * 1000
+                self._event(f"First input on container {fc.id} took {first_ms:.0f} ms")
+                if self._on_first_input is not None:
+                    self._on_first_input(fc, first_ms)
             if len(calls) > 1 or self.settings.batch_size:
                 self._event(f"Batch of {len(calls)} input(s) on container {fc.id}")
             used_up = self.settings.max_inputs is not None and fc.calls_served >= self.settings.max_inputs

@@ -138,6 +138,7 @@ class FunctionContainer:
         self._send_lock = threading.Lock()
         self._kill_lock = threading.Lock()  # frames of concurrent inputs must not interleave on the pipe
         self._broken: WarmbootError | None = None  #: why the channel is no longer trusted
+        self.start_row: int | None = None  #: its start's row in the server's start log (``server.start_log``)
 
     def __repr__(self) -> str:
         return f"<FunctionContainer {self.id} {self.plan.label}>"
@@ -189,9 +190,11 @@ class FunctionContainer:
         self.container = store.restore(snapshot, self.run_dir)
         self.restored_from = snapshot.id
         self.timings.update(self.container.timings)
+        joining = time.monotonic()
         self._groups = cgroups.create(self.id, self.plan.limits)
         for pid in self.container.pids():  # every process: a child does not follow its parent's move
             self._groups.join(pid)
+        self.timings["cgroup_ms"] = (time.monotonic() - joining) * 1000
         if snapshot.manifest.get("metadata", {}).get("gpu_snapshot"):
             # A GPU memory snapshot: put the copy's device memory back on the GPU (GpuSnapshotError if not).
             resumed = time.monotonic()
