@@ -97,7 +97,8 @@ class Server:
 
     def __init__(self) -> None:
         self.home = Path(tempfile.mkdtemp(prefix="warmboot-soak-", dir="/var/tmp"))
-        self.env = {**os.environ, "WARMBOOT_HOME": str(self.home), "COLUMNS": "200"}
+        # The soak measures restores: no cold boot chosen now and then to compare (server.start_log.StartChoice).
+        self.env = {**os.environ, "WARMBOOT_HOME": str(self.home), "COLUMNS": "200", "WARMBOOT_RESTORE_ALWAYS": "1"}
         self.log_path = self.home / "soak-server.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.container_ids: set[str] = set()  #: every container this server is known to have run

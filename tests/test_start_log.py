@@ -56,9 +56,9 @@ def test_cold_wins_only_when_clearly_faster_with_enough_samples_of_each() -> Non
 
 def test_the_choice_switches_says_why_once_and_rechecks_the_other_kind() -> None:
     choice = StartChoice(recheck_every=10)
-    kinds = [choice.next_kind(_stats(500), _stats(70)) for _ in range(9)]
+    kinds = [choice.next_kind(_stats(90), _stats(70)) for _ in range(9)]
     assert kinds == [("restore", None)] * 9
-    kind, why = choice.next_kind(_stats(500), _stats(70))  # the 10th: a cold boot, to keep its time current
+    kind, why = choice.next_kind(_stats(90), _stats(70))  # the 10th of a close race: a cold boot, to compare
     assert kind == "cold" and "now and then" in (why or "")
     kind, why = choice.next_kind(_stats(40), _stats(70))
     assert kind == "cold" and why is not None and why.startswith("booting cold: a cold boot (p50 40 ms)")
@@ -67,6 +67,15 @@ def test_the_choice_switches_says_why_once_and_rechecks_the_other_kind() -> None
     assert kinds == ["cold"] * 7 + ["restore"], "the 20th start restores, to recheck"
     kind, why = choice.next_kind(_stats(90), _stats(70))
     assert kind == "restore" and (why or "").startswith("restoring again")
+
+
+def test_a_restore_that_wins_by_far_is_rechecked_rarely_and_the_setting_turns_it_off() -> None:
+    rare = StartChoice(recheck_every=10, clear_win_recheck_s=3600)
+    assert [rare.next_kind(_stats(4000), _stats(250))[0] for _ in range(50)] == ["restore"] * 50
+    due = StartChoice(recheck_every=10, clear_win_recheck_s=0)
+    assert due.next_kind(_stats(4000), _stats(250))[0] == "cold", "once the interval has passed"
+    always = StartChoice(recheck_every=1, always_restore=True)
+    assert [always.next_kind(_stats(10), _stats(250)) for _ in range(5)] == [("restore", None)] * 5
 
 
 SOURCE = """

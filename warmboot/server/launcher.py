@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -65,7 +66,7 @@ class Launcher:
         self._event = on_event
         self.snapshots = snapshots
         self.gpus = gpus
-        self._choice = StartChoice()
+        self._choice = StartChoice(always_restore=os.environ.get("WARMBOOT_RESTORE_ALWAYS") == "1")
 
     def __call__(self) -> FunctionContainer:
         """A started container, ready for inputs (holding GPUs of its own, for a gpu= function)."""
@@ -89,7 +90,8 @@ class Launcher:
 
     def _launch(self, plan: LaunchPlan) -> FunctionContainer:
         snap = self.snapshots
-        if snap is not None and self._should_restore(snap) and (restored := self._restore(plan, snap)) is not None:
+        chosen_cold = snap is not None and not self._should_restore(snap)
+        if snap is not None and not chosen_cold and (restored := self._restore(plan, snap)) is not None:
             return restored
         fc = FunctionContainer(plan, self._on_output)
         started = time.monotonic()
@@ -109,7 +111,8 @@ class Launcher:
             fc.kill()
             raise
         seconds = time.monotonic() - started
-        self._event(f"Container {fc.id} started for {self.label} (cold boot in {seconds:.2f} s)")
+        chosen = ", chosen over a restore" if chosen_cold else ""
+        self._event(f"Container {fc.id} started for {self.label} (cold boot in {seconds:.2f} s{chosen})")
         if snap is not None and snap.starts is not None:
             # The snapshot's own creation is not part of what a cold boot costs.
             phases = {"boot_ms": (booted - started) * 1000, "start_ms": fc.timings.get("start_ms", 0.0)}

@@ -135,24 +135,33 @@ def cold_is_faster(cold: StartStats, restore: StartStats) -> bool:
     return cold.p50_ms < restore.p50_ms * MARGIN_RATIO - MARGIN_MS
 
 
+#: A restore at most half as long as a cold boot wins by far: the other kind is rechecked this rarely (seconds).
+CLEAR_WIN_RECHECK_S = 3600.0
+
+
 @dataclass
 class StartChoice:
     """Whether a function's next start restores its snapshot or boots cold (one per pool, in memory).
 
-    A restore is the default; the function boots cold while :func:`cold_is_faster` says so. Every
-    ``recheck_every``-th start is of the other kind, so that a change in either time is noticed (a model that
-    grew, a disk that got faster) and, at first, so that there are cold boots to compare with at all (the
-    snapshot maker's boot is the first).
+    A restore is the default; the function boots cold while :func:`cold_is_faster` says so. The other kind is
+    tried now and then, so that a change in either time is noticed (a model that grew, a disk that got faster):
+    every ``recheck_every``-th start while the two are close, and at most once in ``clear_win_recheck_s`` when
+    a restore takes under half a cold boot (a slow cold boot every tenth start would cost more than it tells).
+    ``WARMBOOT_RESTORE_ALWAYS=1`` on the server turns all this off: restore whenever there is a snapshot.
     """
 
     recheck_every: int = 10
+    clear_win_recheck_s: float = CLEAR_WIN_RECHECK_S
+    always_restore: bool = False
     starts: int = 0
     cold_wins: bool = False
+    last_recheck: float = field(default_factory=time.monotonic)
 
     def next_kind(self, cold: StartStats, restore: StartStats) -> tuple[str, str | None]:
         """``("restore" | "cold", why)``: ``why`` is a line for the app's log when the choice changes or probes."""
+        if self.always_restore:
+            return "restore", None
         self.starts += 1
-        probe = self.starts % self.recheck_every == 0
         wins = cold_is_faster(cold, restore)
         why = None
         if wins != self.cold_wins:
@@ -164,7 +173,14 @@ class StartChoice:
                 else f"restoring again: a restore (p50 {restore.p50_ms:.0f} ms) is no slower than a cold boot "
                 f"(p50 {cold.p50_ms:.0f} ms)"
             )
-        if probe and restore.n >= MIN_SAMPLES:
+        if restore.n >= MIN_SAMPLES and self._recheck_due(cold, restore):
+            self.last_recheck = time.monotonic()
             other = "restore" if wins else "cold"
             return other, f"one {'restore' if wins else 'cold boot'} now and then, to keep both times current"
         return ("cold" if wins else "restore"), why
+
+    def _recheck_due(self, cold: StartStats, restore: StartStats) -> bool:
+        far_apart = cold.p50_ms is not None and restore.p50_ms is not None and restore.p50_ms * 2 <= cold.p50_ms
+        if far_apart:
+            return time.monotonic() - self.last_recheck >= self.clear_win_recheck_s
+        return self.starts % self.recheck_every == 0
