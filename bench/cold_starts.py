@@ -18,7 +18,8 @@ with no warm container left before any timed call:
 
 A second pass repeats W0-W2 with the page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`) right before each
 timed call: the disk-cold case. The server's log lines of every run (restore, cold boot, first input) are kept,
-and one W2 restore (the median run) is broken down into checks, CRIU restore, runtime re-init and first call.
+and one W2 restore (the median run) is broken down into its phases as the server recorded them (its start log:
+checks, CRIU restore, cgroup join, START to READY, first call).
 
 Writes docs/benchmarks/cold-starts.{json,md,png} and the README's Benchmarks section; prints the table and
 which targets were met. Usage: `.venv/bin/python bench/cold_starts.py [--runs N] [--quick]` (as root).
@@ -289,6 +290,10 @@ def run_once(w: Workload, kind: str, *, n_calls: int = 1, disk_cold: bool = Fals
     run["wall_s"] = round(time.perf_counter() - wall_started, 3)  # deploy, call, stop: what the run cost
     if kind == "restore":
         after = snapshot_of(w)
+        if after is not None:
+            # Each restore's phases, as the server recorded them (server/start_log.py): the breakdown reads these.
+            mine = {entry["container"] for entry in run["log"]["restores"]}
+            run["starts"] = [s for s in client.request("start_log", key=after["key"]) if s["container_id"] in mine]
         restored = after is not None and before is not None and after["restores"] - before["restores"]
         run["restored_containers"] = restored or 0
         if run["restored_containers"] != n_calls:
@@ -524,27 +529,29 @@ def w3_table(results: dict[str, Any]) -> str:
 
 
 def breakdown(results: dict[str, Any]) -> dict[str, Any] | None:
-    """The W2 restore whose client-side time is the median one, split by the server's log lines."""
-    runs = [r for r in results["workloads"]["W2"][WARM]["restore"]["details"] if r["log"]["restores"]]
+    """The W2 restore whose client-side time is the median one, split by the phases the server recorded for it
+    (its start log row: ``warmboot`` operation ``start_log``)."""
+    runs = [r for r in results["workloads"]["W2"][WARM]["restore"]["details"] if r.get("starts")]
     if not runs:
         return None
     run = sorted(runs, key=lambda r: r["seconds"])[(len(runs) - 1) // 2]
-    entry = run["log"]["restores"][0]
+    start = run["starts"][0]
+    phases = start["phases"]
     total_ms = run["seconds"] * 1000
-    first = entry["first_input_ms"] or 0
-    steps = [
-        ("snapshot checks (manifest, fingerprint, image checksums)", entry["checks_ms"]),
-        ("CRIU restore", entry["criu_restore_ms"]),
-        ("runtime re-init: START, reseed, @enter(snap=False)", entry["enter_and_runtime_ms"]),
-        (
-            "restore bookkeeping (plan, fresh pipes, registry)",
-            entry["restore_ms"] - entry["checks_ms"] - entry["criu_restore_ms"] - entry["enter_and_runtime_ms"],
-        ),
-        ("first call: the input in the container, encode, result back", first),
-        ("SDK and server: request, dispatch, queueing, reply", total_ms - entry["restore_ms"] - first),
-    ]
+    first = phases.get("first_input_ms", 0.0)
+    named = {
+        "check_ms": "snapshot checks (manifest, fingerprint, image checksums)",
+        "criu_restore_ms": "CRIU restore",
+        "cuda_restore_ms": "GPU state back on the GPU (cuda-checkpoint)",
+        "cgroup_ms": "joining the container's cgroups",
+        "start_ms": "START to READY: network, reseed, @enter(snap=False)",
+    }
+    steps = [(title, phases[key]) for key, title in named.items() if key in phases]
+    steps.append(("restore bookkeeping (plan, fresh pipes, registry)", start["total_ms"] - sum(ms for _, ms in steps)))
+    steps.append(("first call: the input in the container, encode, result back", first))
+    steps.append(("SDK and server: request, dispatch, queueing, reply", total_ms - start["total_ms"] - first))
     return {
-        "container": entry["container"],
+        "container": start["container_id"],
         "client_total_ms": round(total_ms),
         "steps": [{"step": s, "ms": round(ms)} for s, ms in steps],
     }
@@ -604,9 +611,8 @@ def markdown(results: dict[str, Any], plot_name: str) -> str:
         parts += [
             "## Where one W2 restore's time goes",
             "",
-            f"The median W2 restore run ({WARM}), container {b['container']}, from the server's log lines "
-            "(`Restored ... in N ms (checks, CRIU restore, @enter(snap=False) and runtime)` and `First input ... "
-            "took N ms`) and the client's clock:",
+            f"The median W2 restore run ({WARM}), container {b['container']}, from the phases the server recorded "
+            "for it (its start log, `server/start_log.py`) and the client's clock:",
             "",
             breakdown_table(b),
             "",
