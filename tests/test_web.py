@@ -88,6 +88,30 @@ def api():
     return web
 
 
+@app.function(image=image, timeout=3)
+@modal.asgi_app()
+def fragile():
+    from fastapi import FastAPI
+
+    web = FastAPI()
+
+    @web.get("/who")
+    def who():
+        return {{"container": os.environ["WARMBOOT_CONTAINER_ID"]}}
+
+    @web.get("/crash")
+    def crash():
+        os._exit(3)
+
+    @web.get("/hang")
+    def hang():
+        import threading
+
+        threading.Event().wait()
+
+    return web
+
+
 @app.function()
 @modal.wsgi_app()
 def plain():
@@ -138,7 +162,8 @@ def web_app(platform: Platform) -> dict[str, str]:
     source = SOURCE.format(app=name, echo_label=f"{name}-echo-label")
     proc = platform.cli("deploy", str(platform.write_app(name.replace("-", "_"), source)), timeout=600)
     urls = dict(re.findall(r"^\s+(\S+) => (http://\S+)", proc.stderr + proc.stdout, re.M))
-    assert set(urls) == {"hello", "echo", "private", "api", "plain", "files", "never_listens", "Model.predict"}, urls
+    expected = {"hello", "echo", "private", "api", "fragile", "plain", "files", "never_listens", "Model.predict"}
+    assert set(urls) == expected, urls
     return {"name": name, **urls}
 
 
@@ -349,3 +374,25 @@ def test_a_label_another_app_serves_is_refused_at_deploy(platform: Platform, web
     proc = platform.cli("deploy", str(platform.write_app("label_thief", source)), check=False)
     assert proc.returncode == 1
     assert f"which app {web_app['name']!r} already serves" in proc.stderr
+
+
+def test_a_container_that_dies_mid_request_answers_502_and_the_next_request_gets_a_new_one(
+    web_app: dict[str, str],
+) -> None:
+    first = httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"]
+    # The container is warm and idle: this request takes the gateway's fast path (a lent slot).
+    crashed = httpx.get(web_app["fragile"] + "/crash", timeout=120)
+    assert crashed.status_code == 502
+    assert f"container {first} of {web_app['name']}.fragile died" in crashed.json()["error"]
+    second = httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"]
+    assert second != first
+
+
+def test_a_request_past_the_function_timeout_answers_504_and_its_container_is_replaced(
+    web_app: dict[str, str],
+) -> None:
+    first = httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"]
+    hung = httpx.get(web_app["fragile"] + "/hang", timeout=120)
+    assert hung.status_code == 504
+    assert "exceeded the function's timeout of 3 s; the container was stopped" in hung.json()["error"]
+    assert httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"] != first
