@@ -45,6 +45,7 @@ from typing import Any
 
 import numpy as np
 from harness import app_log, console, deploy_app, ensure_model_volume, load, snapshot_records, stop_app
+from raw_baseline import restore_and_call
 
 from warmboot import config
 from warmboot.errors import NotFoundError
@@ -528,6 +529,36 @@ def w3_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
+def measure_raw(w: Workload, home: Path, runs: int) -> dict[str, Any]:
+    """W2's snapshot restored and called with no platform (``raw_baseline``), ``runs`` times, results checked."""
+    record = snapshot_of(w)
+    if record is None:
+        raise SystemExit(f"{w.key}: no memory snapshot to take the raw baseline from")
+    seconds = []
+    for i in range(runs):
+        elapsed, value = restore_and_call(home, record["snapshot_id"], w.method, w.kwargs)
+        if not same(value, w.reference):
+            raise AssertionError(f"{w.key} raw restore {i + 1}: the result differs from the first call's")
+        seconds.append(elapsed)
+        console.print(f"  {w.key} raw restore (no platform) {i + 1}/{runs}: {elapsed * 1000:.0f} ms")
+    return summary(seconds)
+
+
+def raw_line(results: dict[str, Any]) -> str:
+    """W2's restore through warmboot against the raw baseline, as one sentence."""
+    w2 = results["workloads"]["W2"]
+    raw, restore = w2.get("raw"), w2[WARM]["restore"]
+    if not raw:
+        return ""
+    ratio = restore["median_s"] / raw["median_s"]
+    return (
+        f"Raw baseline: W2's own snapshot restored and called with no platform (CRIU restore by the engine, START "
+        f"and the call written on its pipes; `bench/raw_baseline.py`), in the same run: median "
+        f"{raw['median_s'] * 1000:.0f} ms over {raw['n']} runs; warmboot's `.remote()` restore median "
+        f"{restore['median_s'] * 1000:.0f} ms is **{ratio:.2f}x** the raw restore."
+    )
+
+
 def breakdown(results: dict[str, Any]) -> dict[str, Any] | None:
     """The W2 restore whose client-side time is the median one, split by the phases the server recorded for it
     (its start log row: ``warmboot`` operation ``start_log``)."""
@@ -591,6 +622,8 @@ def markdown(results: dict[str, Any], plot_name: str) -> str:
         f"## {WARM.capitalize()}",
         "",
         table(results, WARM),
+        "",
+        raw_line(results),
         "",
         f"## {DISK_COLD.capitalize()}",
         "",
@@ -690,6 +723,8 @@ def update_readme(results: dict[str, Any]) -> None:
             "",
             table(results, WARM),
             "",
+            raw_line(results),
+            "",
             "Disk-cold (page cache dropped before each timed call):",
             "",
             table(results, DISK_COLD),
@@ -762,6 +797,8 @@ def main() -> None:
             entry["app"], entry["app_file"] = w.name, str(w.path.relative_to(ROOT))
             entry[WARM] = measure(w, cold_runs=runs, restore_runs=runs, label=w.key)
         w2 = WORKLOADS[2]
+        results["workloads"]["W2"]["raw"] = raw = measure_raw(w2, Path(ping["home"]), runs)
+        raw["ratio"] = round(results["workloads"]["W2"][WARM]["restore"]["median_s"] / raw["median_s"], 3)
         w3_first = min(w3_cold_runs, W3_COLD_RUNS_FIRST)
         for n in (4, 8):
             key = f"W3x{n}"
