@@ -311,13 +311,7 @@ class FunctionContainer:
                 if answers and isinstance(reply, wire.Result):
                     break
                 other = f" for call {reply.call_id!r}" if isinstance(reply, wire.Result | wire.Item) else ""
-                violation = ProtocolViolationError(
-                    f"container {self.id} of {self.plan.label} answered call {call_id} with a {reply.TYPE!r} "
-                    f"message{other}; it was stopped"
-                )
-                self._break(violation)
-                self.kill()
-                raise violation
+                raise self._out_of_turn(f"answered call {call_id} with a {reply.TYPE!r} message{other}")
         finally:
             with self._inbox_lock:
                 self._inboxes.pop(call_id, None)
@@ -351,13 +345,7 @@ class FunctionContainer:
             for call_id, _ in calls:
                 reply = self._next_reply(inboxes[call_id], deadline, timeout, f"batch of {len(calls)} calls")
                 if not isinstance(reply, wire.Result) or reply.call_id != call_id:
-                    violation = ProtocolViolationError(
-                        f"container {self.id} of {self.plan.label} answered call {call_id} of a batch with a "
-                        f"{reply.TYPE!r} message; it was stopped"
-                    )
-                    self._break(violation)
-                    self.kill()
-                    raise violation
+                    raise self._out_of_turn(f"answered call {call_id} of a batch with a {reply.TYPE!r} message")
                 outcomes.append(_outcome(reply))
         finally:
             with self._inbox_lock:
@@ -366,6 +354,13 @@ class FunctionContainer:
         with self._inbox_lock:
             self.calls_served += len(calls)
         return outcomes
+
+    def _out_of_turn(self, what: str) -> ProtocolViolationError:
+        """Stop the container for a reply out of turn (``what`` it did); the error for its caller."""
+        violation = ProtocolViolationError(f"container {self.id} of {self.plan.label} {what}; it was stopped")
+        self._break(violation)
+        self.kill()
+        return violation
 
     def _next_reply(self, inbox: queue.SimpleQueue[Any], deadline: float, timeout: float, what: str) -> Any:
         """The next message for an input, by its deadline. Past the deadline the container is killed and
@@ -417,13 +412,8 @@ class FunctionContainer:
                     continue
                 if isinstance(reply, wire.Result) and reply.call_id == call_id:
                     break
-                violation = ProtocolViolationError(
-                    f"container {self.id} of {self.plan.label} answered web request {call_id} with a "
-                    f"{getattr(reply, 'TYPE', type(reply).__name__)!r} message; it was stopped"
-                )
-                self._break(violation)
-                self.kill()
-                raise violation
+                kind = getattr(reply, "TYPE", type(reply).__name__)
+                raise self._out_of_turn(f"answered web request {call_id} with a {kind!r} message")
         finally:
             with self._inbox_lock:
                 self._inboxes.pop(call_id, None)
