@@ -19,7 +19,6 @@ from typing import Any
 
 from warmboot.runtime import wire
 from warmboot.runtime.executor import Executor
-from warmboot.runtime.web import WebHost, serve_inputs_on_loop
 
 CONTROL_IN_FD = 3
 CONTROL_OUT_FD = 4
@@ -86,6 +85,17 @@ def _instantiate(user_cls: type) -> Any:
     return parameter.instantiate(user_cls, parameter.bind(user_cls.__name__, decls, (), given))
 
 
+def _web_host(executor: Executor, target: Any) -> Any:
+    """The target's web endpoints' host (``runtime.web``), imported only by containers that serve some."""
+    from warmboot.sdk.web import web_spec
+
+    if not web_spec(getattr(target, "user_cls", None) or getattr(target, "raw_f", None)):
+        return None
+    from warmboot.runtime.web import WebHost
+
+    return WebHost.for_target(executor, target)
+
+
 def _reseed() -> None:
     """Give a restored copy its own random streams: every copy starts from the same captured RNG state."""
     import random
@@ -120,7 +130,7 @@ def main() -> int:
         target = _load_target(os.environ["WARMBOOT_APP_FILE"], os.environ["WARMBOOT_TAG"])
         service = _Service(target)
         executor = Executor(service.resolve, control_out, int(os.environ.get("WARMBOOT_MAX_CONCURRENT_INPUTS", "1")))
-        web = WebHost.for_target(executor, target)
+        web = _web_host(executor, target)
         if web is not None:
             web.prewarm()
         service.run_hooks("enter_snap", executor)
@@ -172,6 +182,8 @@ def main() -> int:
         else:
             break  # SHUTDOWN
     if web is not None:
+        from warmboot.runtime.web import serve_inputs_on_loop
+
         serve_inputs_on_loop(control_in, executor, web)
     executor.drain()
     if web is not None:

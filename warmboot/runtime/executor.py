@@ -12,7 +12,7 @@ sees its own call id in ``warmboot.sdk.context.CALL_ID``.
 
 from __future__ import annotations
 
-import inspect
+import functools
 import threading
 import traceback
 from collections.abc import Callable
@@ -86,6 +86,8 @@ class Executor:
         token = CALL_ID.set(batch.call_ids[0])
         try:
             fn = self._resolve(batch.method)
+            import inspect  # batches only: every container's start would pay for it
+
             signature = inspect.signature(fn)
             columns: dict[str, list[Any]] = {name: [] for name in signature.parameters}
             for payload in batch.split():
@@ -93,7 +95,7 @@ class Executor:
                 for name, value in signature.bind(*args, **kwargs).arguments.items():
                     columns[name].append(value)
             result = fn(**columns)
-            if inspect.isawaitable(result):
+            if _awaitable(result):
                 import asyncio
 
                 result = asyncio.run_coroutine_threadsafe(_awaited(result), self.loop()).result()
@@ -133,7 +135,7 @@ class Executor:
     def run_hook(self, hook: Callable[[], Any]) -> None:
         """Run a lifecycle hook, awaiting it on the loop if it is async."""
         result = hook()
-        if inspect.isawaitable(result):
+        if _awaitable(result):
             import asyncio
 
             asyncio.run_coroutine_threadsafe(_awaited(result), self.loop()).result()
@@ -143,7 +145,7 @@ class Executor:
             fn = self._resolve(call.method)
         except Exception:  # noqa: BLE001 - the call itself reports it
             return False
-        return inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn)
+        return _is_coroutine_function(fn) or _is_async_generator_function(fn)
 
     # ----- one input ------------------------------------------------------------------------------------------
 
@@ -153,11 +155,11 @@ class Executor:
         token = CALL_ID.set(call.call_id)
         try:
             fn, args, kwargs = self._prepare(call)
-            if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+            if _is_coroutine_function(fn) or _is_async_generator_function(fn):
                 import asyncio
 
                 return asyncio.run_coroutine_threadsafe(self._run_async(call), self.loop()).result()
-            if inspect.isgeneratorfunction(fn):
+            if _is_generator_function(fn):
                 for value in fn(*args, **kwargs):
                     self.send(wire.Item(call.call_id, _dumps(value)))
                 return wire.Result(call.call_id, ok=True, value=_dumps(None))
@@ -176,16 +178,16 @@ class Executor:
         CALL_ID.set(call.call_id)  # a task runs in a copy of the context: this input's own
         try:
             fn, args, kwargs = self._prepare(call)
-            if inspect.isasyncgenfunction(fn):
+            if _is_async_generator_function(fn):
                 async for value in fn(*args, **kwargs):
                     self.send(wire.Item(call.call_id, _dumps(value)))
                 return wire.Result(call.call_id, ok=True, value=_dumps(None))
-            if inspect.isgeneratorfunction(fn):  # a sync generator reached the loop: run it in a thread
+            if _is_generator_function(fn):  # a sync generator reached the loop: run it in a thread
                 import asyncio
 
                 return await asyncio.to_thread(self._run_in_thread, call)
             result = fn(*args, **kwargs)
-            if inspect.isawaitable(result):
+            if _awaitable(result):
                 result = await result
             return _success(call.call_id, result)
         except BaseException as exc:  # noqa: BLE001
@@ -196,7 +198,7 @@ class Executor:
         import cloudpickle
 
         fn = self._resolve(call.method)
-        is_gen = inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn)
+        is_gen = _is_generator_function(fn) or _is_async_generator_function(fn)
         name = getattr(fn, "__name__", "the function")
         if is_gen and not call.generator:
             raise _CallShapeError(f"{name} is a generator function: call it with .remote_gen(), not .remote()")
@@ -204,6 +206,35 @@ class Executor:
             raise _CallShapeError(f"{name} is not a generator function: call it with .remote(), not .remote_gen()")
         args, kwargs = cloudpickle.loads(call.args)
         return fn, args, kwargs
+
+
+# What kind of function a call runs, read from its code's flags as inspect does, without importing inspect (and ast,
+# dis, ...): every container imports this module at start, and its start is a cold start.
+_CO_GENERATOR, _CO_COROUTINE, _CO_ASYNC_GENERATOR = 0x20, 0x80, 0x200
+
+
+def _code_flags(fn: Any) -> int:
+    fn = getattr(fn, "__func__", fn)  # a bound method: its function
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    code = getattr(fn, "__code__", None)
+    return code.co_flags if code is not None else 0
+
+
+def _is_coroutine_function(fn: Any) -> bool:
+    return bool(_code_flags(fn) & _CO_COROUTINE)
+
+
+def _is_async_generator_function(fn: Any) -> bool:
+    return bool(_code_flags(fn) & _CO_ASYNC_GENERATOR)
+
+
+def _is_generator_function(fn: Any) -> bool:
+    return bool(_code_flags(fn) & _CO_GENERATOR)
+
+
+def _awaitable(value: Any) -> bool:
+    return hasattr(type(value), "__await__")
 
 
 class _CallShapeError(Exception):

@@ -15,7 +15,6 @@ functions are wrapped in a one-route FastAPI app (FastAPI must be in the image, 
 from __future__ import annotations
 
 import contextlib
-import socket
 import sys
 import time
 import traceback
@@ -287,6 +286,8 @@ def _wsgi_adapter(app: Any) -> Any:
 
 def _wait_for_port(port: int, timeout: float) -> None:
     """Until something accepts connections on ``port`` (on loopback, inside this container), within ``timeout``."""
+    import socket
+
     deadline = time.monotonic() + timeout
     while True:
         try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
-import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -53,6 +51,9 @@ def batched(*, max_batch_size: int, wait_ms: int) -> Callable[[F], F]:
 def check_batchable(f: Callable[..., Any]) -> None:
     """Refuse what cannot run on batches: no parameters, ``*args``/``**kwargs``, defaults, a generator, or a
     parameter annotated with something that is not a list."""
+    import inspect  # only where @batched is used: its checks run at decoration, in containers too
+    import typing
+
     name = getattr(f, "__name__", repr(f))
     if hasattr(f, "raw_f") or hasattr(f, "user_cls"):
         raise InvalidOptionError("@modal.batched goes below @app.function(), so that it applies first")

@@ -15,8 +15,6 @@ JSON in the ``WARMBOOT_PARAMETERS`` variable. Stdlib only: containers import thi
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
 from typing import Any
 
@@ -204,11 +202,17 @@ def decode(decls: dict[str, dict[str, Any]], text: str) -> dict[str, Any]:
 
 
 def _to_json(value: Any) -> Any:
-    return {"base64": base64.b64encode(value).decode()} if isinstance(value, bytes) else value
+    if not isinstance(value, bytes):
+        return value
+    import base64  # bytes parameters only: containers import this module at start
+
+    return {"base64": base64.b64encode(value).decode()}
 
 
 def _from_json(type_name: str, value: Any) -> Any:
     if type_name == "bytes" and isinstance(value, dict) and isinstance(value.get("base64"), str):
+        import base64
+
         return base64.b64decode(value["base64"])
     return value
 
@@ -337,4 +341,6 @@ def variant_id(values: dict[str, Any] | None, overrides: dict[str, Any] | None) 
     material = json.dumps(
         {"parameters": json.loads(encode(values or {})), "options": overrides or {}}, sort_keys=True, default=str
     )
+    import hashlib  # the server's and caller's: a container never names variants
+
     return hashlib.sha256(material.encode()).hexdigest()[:16]

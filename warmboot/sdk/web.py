@@ -27,7 +27,7 @@ WEB_ATTR = "_warmboot_web"
 KINDS = ("fastapi_endpoint", "asgi_app", "wsgi_app", "web_server")
 HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS")
 #: A label is one DNS name component: it names the endpoint in its URL.
-LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+LABEL = r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$"
 MAX_STARTUP_TIMEOUT = 3600.0
 
 
@@ -47,7 +47,7 @@ def _check_common(decorator: str, label: str | None, custom_domains: Any, requir
 
 def check_label(where: str, label: Any) -> str:
     """``label`` if it can name an endpoint (lowercase letters, digits and dashes, at most 63), else a clear error."""
-    if not isinstance(label, str) or not LABEL.match(label):
+    if not isinstance(label, str) or not re.match(LABEL, label):
         raise InvalidOptionError(
             f"{where}: label={label!r} must be 1 to 63 lowercase letters, digits or dashes, "
             "starting and ending with a letter or digit (it becomes part of the endpoint's URL)"
