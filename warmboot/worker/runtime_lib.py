@@ -14,6 +14,7 @@ It is content-addressed (``$WARMBOOT_HOME/runtime/<digest>/``) and made once per
 
 from __future__ import annotations
 
+import compileall
 import functools
 import hashlib
 import os
@@ -28,8 +29,8 @@ import cloudpickle
 import warmboot
 from warmboot.worker.sandbox import entry, seccomp
 
-#: Bumped whenever the layer's layout changes.
-LAYOUT_VERSION = 1
+#: Bumped whenever the layer's layout changes (2: it holds bytecode compiled by the server's Python).
+LAYOUT_VERSION = 2
 LIB_DIR = "/__warmboot/lib"  #: inside the container
 _STANDARD_DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 _ETC = {
@@ -117,6 +118,10 @@ def _ensure(home: Path) -> Path:
             dest = lib / root.name / path.relative_to(root)
             dest.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, dest)
+    # Bytecode, compiled once here: the layer is read-only, so a container would otherwise compile every module it
+    # imports at each cold boot (about 30 ms of the SDK, runtime and cloudpickle here). It serves images whose
+    # Python is this one's version (Debian bookworm's 3.11 for debian_slim()); others compile as before.
+    compileall.compile_dir(str(lib), quiet=2, workers=1)
     _write(tmp / "__warmboot" / "init", init, 0o755)
     _write(tmp / "__warmboot" / "seccomp.bpf", bpf, 0o644)
     _make_dev(tmp / "dev")
