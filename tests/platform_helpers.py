@@ -10,7 +10,9 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 WARMBOOT = str(Path(sys.executable).parent / "warmboot")
 #: The columns of `warmboot snapshot list`, in order (tests read its table).
@@ -117,9 +119,11 @@ class Platform:
         return path.read_text() if path.exists() else ""
 
 
-def wait_for(what: str, check: object, timeout: float = 120.0) -> None:
-    """Poll ``check()`` until it is true (for states in other processes, which tell nobody), with a deadline."""
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
+    """Poll ``check()`` until it is true (for states in other processes, which tell nobody), with a deadline;
+    returns what it returned."""
     deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+    while not (value := check()):
         assert time.monotonic() < deadline, f"timed out waiting until {what}"
         time.sleep(0.02)
+    return value

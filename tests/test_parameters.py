@@ -14,13 +14,12 @@ import json
 import sqlite3
 import subprocess
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
-from platform_helpers import SNAPSHOT_LIST_COLUMNS, WARMBOOT, Platform
+from platform_helpers import SNAPSHOT_LIST_COLUMNS, WARMBOOT, Platform, wait_for
 
 import warmboot as modal
 from warmboot.errors import InvalidOptionError, ServerRestartedError, UnsupportedOptionError
@@ -376,14 +375,6 @@ def _snapshot_rows(platform: Platform, name: str) -> dict[str, dict[str, str]]:
     return rows
 
 
-def _wait_for(what: str, check: Any, timeout: float = 120.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
-    return value
-
-
 def test_parameter_sets_get_their_own_containers_and_snapshots(platform: Platform, app: tuple[str, Path, Path]) -> None:
     name, path, _ = app
     a = _info(platform, name, size="a", n=7, flag=True, blob=b"\x01\x02")
@@ -397,7 +388,7 @@ def test_parameter_sets_get_their_own_containers_and_snapshots(platform: Platfor
 
     label_a = f"{name}.Model(size='a', n=7, flag=True, blob=b'\\x01\\x02')"
     label_b = f"{name}.Model(size='b', n=1, flag=False, blob=b'')"
-    rows = _wait_for("both snapshots are made", lambda: (r := _snapshot_rows(platform, name)) and all(
+    rows = wait_for("both snapshots are made", lambda: (r := _snapshot_rows(platform, name)) and all(
         r.get(label, {}).get("state") == "ok" for label in (label_a, label_b)) and r)  # fmt: skip
     assert rows[label_a]["key"] != rows[label_b]["key"], "each parameter set has its own snapshot"
 
@@ -456,7 +447,7 @@ def test_with_options_max_containers_and_env(platform: Platform, app: tuple[str,
         print(json.dumps([gate.hold.spawn(f"narrow-{{i}}", 3).object_id for i in range(3)]))
         """,
     )
-    _wait_for("the first narrow input runs", lambda: list(meet.glob("narrow-*")))
+    wait_for("the first narrow input runs", lambda: list(meet.glob("narrow-*")))
     listing = platform.cli("container", "list").stdout
     assert listing.count("Gate.with_options(max_containers)") == 1, listing
     assert len(list(meet.glob("narrow-*"))) == 1, "with max_containers=1 only one input runs"
@@ -480,7 +471,7 @@ def test_with_options_max_containers_and_env(platform: Platform, app: tuple[str,
     )
     assert extra["env"] == "yes" and extra["params"][0] == "e"
     label = f"{name}.Model(size='e', n=1, flag=False, blob=b'').with_options(env)"
-    _wait_for(
+    wait_for(
         "the env= variant's own snapshot", lambda: _snapshot_rows(platform, name).get(label, {}).get("state") == "ok"
     )
 

@@ -12,12 +12,11 @@ import datetime
 import re
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
-from platform_helpers import Platform
+from platform_helpers import Platform, wait_for
 
 import warmboot as modal
 from warmboot.errors import InvalidOptionError
@@ -311,16 +310,20 @@ def morning():
 """
 
 
-def _wait_for(what: str, check: object, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
-
-
 def _beats(volume: Path) -> int:
     path = volume / "beats"
     return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _ticks_pass(platform: Platform) -> None:
+    """Until the scheduler has run a 1 s Period twice more: a witness app's schedule, deployed now, beats twice.
+    A schedule that (wrongly) went on would have run too by then."""
+    name = f"witness-{uuid.uuid4().hex[:8]}"
+    volume = platform.home / "volumes" / f"{name}-beats"
+    source = SOURCE.format(app=name, volume=f"{name}-beats")
+    platform.cli("deploy", str(platform.write_app(name.replace("-", "_"), source)))
+    wait_for("the witness schedule ran twice", lambda: _beats(volume) >= 2, timeout=180)
+    platform.cli("app", "stop", name)
 
 
 def test_a_deployed_period_runs_survives_a_restart_and_stops_with_the_app(platform: Platform) -> None:
@@ -333,20 +336,17 @@ def test_a_deployed_period_runs_survives_a_restart_and_stops_with_the_app(platfo
     assert "beat:" in listed and "every 1s" in listed, listed
     assert "morning:" in listed and "America/New_York" in listed, listed
 
-    _wait_for("the schedule ran twice", lambda: _beats(volume) >= 2)
+    wait_for("the schedule ran twice", lambda: _beats(volume) >= 2, timeout=180)
     assert "Scheduled run of beat" in platform.log_text(name)
 
     platform.restart_server()
     after_restart = _beats(volume)
-    _wait_for("the schedule ran twice after the restart", lambda: _beats(volume) >= after_restart + 2)
+    wait_for("the schedule ran twice after the restart", lambda: _beats(volume) >= after_restart + 2, timeout=180)
 
     platform.cli("app", "stop", name)
     stopped_at = _beats(volume)
-    # Nothing may run after the stop: give it a few periods' chance to (wrongly) run again.
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        assert _beats(volume) == stopped_at, "a scheduled run happened after `warmboot app stop`"
-        time.sleep(0.1)
+    _ticks_pass(platform)
+    assert _beats(volume) == stopped_at, "a scheduled run happened after `warmboot app stop`"
     assert name not in platform.cli("app", "list").stdout
 
 
@@ -373,10 +373,8 @@ if __name__ == "__main__":
     assert proc.returncode == 0 and "ran twice" in proc.stdout, proc.stdout + proc.stderr
     assert name not in platform.cli("app", "list").stdout, "the ephemeral app (and its schedule) ended"
     ended = _beats(volume)
-    deadline = time.monotonic() + 4
-    while time.monotonic() < deadline:
-        assert _beats(volume) == ended, "a scheduled run happened after app.run() ended"
-        time.sleep(0.1)
+    _ticks_pass(platform)
+    assert _beats(volume) == ended, "a scheduled run happened after app.run() ended"
 
 
 def test_an_invalid_cron_string_is_refused_at_deploy(platform: Platform) -> None:
