@@ -89,11 +89,12 @@ def _web_host(executor: Executor, target: Any) -> Any:
     """The target's web endpoints' host (``runtime.web``), imported only by containers that serve some."""
     from warmboot.sdk.web import web_spec
 
-    if not web_spec(getattr(target, "user_cls", None) or getattr(target, "raw_f", None)):
+    endpoints = web_spec(getattr(target, "user_cls", None) or getattr(target, "raw_f", None))
+    if not endpoints:
         return None
     from warmboot.runtime.web import WebHost
 
-    return WebHost.for_target(executor, target)
+    return WebHost(executor, {endpoint["method"]: endpoint for endpoint in endpoints})
 
 
 def _reseed() -> None:

@@ -40,19 +40,6 @@ class WebHost:
         self._lifespans: list[tuple[asyncio.Queue[dict[str, Any]], asyncio.Task[None]]] = []
         self._tasks: set[asyncio.Task[None]] = set()  #: requests being served
 
-    @classmethod
-    def for_target(cls, executor: Executor, target: Any) -> WebHost | None:
-        """The host for a ``Function`` or ``Cls`` with web endpoints, else ``None``."""
-        from warmboot.sdk.web import web_of
-
-        user_cls = getattr(target, "user_cls", None)
-        if user_cls is not None:
-            found = {name: info for name, member in vars(user_cls).items() if (info := web_of(member))}
-        else:
-            info = web_of(getattr(target, "raw_f", None))
-            found = {None: info} if info else {}
-        return cls(executor, found) if found else None
-
     def prewarm(self) -> None:
         """Before the snapshot point: import what the endpoints will need, so that a restored copy has it.
 
