@@ -297,10 +297,12 @@ def run_once(w: Workload, kind: str, *, n_calls: int = 1, disk_cold: bool = Fals
             run["starts"] = [s for s in client.request("start_log", key=after["key"]) if s["container_id"] in mine]
         restored = after is not None and before is not None and after["restores"] - before["restores"]
         run["restored_containers"] = restored or 0
-        if run["restored_containers"] != n_calls:
+        # A burst of calls may be served by fewer containers than calls (restores run a few at a time, and a
+        # start is dropped when ready containers took its calls: server/restore_slots.py); none may boot cold.
+        if not run["restored_containers"] or run["log"]["cold_boots"]:
             console.print(
-                f"[yellow]warning:[/] {w.key} restore run: {run['restored_containers']} of {n_calls} container(s) "
-                f"were restored from the snapshot; {run['log']['failed_restores'] or 'see the app log'}"
+                f"[yellow]warning:[/] {w.key} restore run: {len(run['log']['cold_boots'])} container(s) booted cold "
+                f"({run['restored_containers']} restored); {run['log']['failed_restores'] or 'see the app log'}"
             )
     return run
 
@@ -329,6 +331,7 @@ def prepare(w: Workload) -> dict[str, Any]:
         "size_bytes": record["size_bytes"],
         "disk_bytes": disk_bytes(record["snapshot_id"]),
         "create_seconds": round(record["create_seconds"], 4),
+        "rss_bytes": record.get("rss_bytes"),
     }
     console.print(
         f"[bold]{w.key}[/] {w.title}: first call {first_call:.2f} s (cold boot + snapshot: "
@@ -436,47 +439,59 @@ def machine_line(m: dict[str, Any]) -> str:
 # ----- targets -------------------------------------------------------------------------------------------------
 
 
+def target(name: str, met: bool, value: str, margin: str) -> dict[str, Any]:
+    return {"target": name, "met": met, "value": value, "margin": margin}
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's targets, from this run's medians (ratios where a baseline was measured in the same run)."""
     out = []
-    w0, w2 = results["workloads"]["W0"][WARM], results["workloads"]["W2"][WARM]
-    median = w2["restore"]["median_s"]
-    out.append(
-        {
-            "target": "W2 restore median <= 0.5 s",
-            "met": median <= 0.5,
-            "value": f"{median:.3f} s",
-            "margin": f"{(median - 0.5) * 1000:+.0f} ms vs the 0.5 s limit",
-        }
-    )
-    out.append(
-        {
-            "target": "W2 restore >= 20x faster than cold boot (medians)",
-            "met": w2["speedup"] >= 20,
-            "value": f"{w2['speedup']:.1f}x",
-            "margin": f"{w2['speedup'] / 20:.2f} of the 20x asked",
-        }
-    )
-    ratio = w0["restore"]["median_s"] / w0["cold"]["median_s"]
-    out.append(
-        {
-            "target": "W0 restore no slower than 1.5x its cold boot (medians)",
-            "met": ratio <= 1.5,
-            "value": f"restore/cold = {ratio:.2f}x ({w0['restore']['median_s'] * 1000:.0f} ms vs "
-            f"{w0['cold']['median_s'] * 1000:.0f} ms)",
-            "margin": f"{ratio - 1.5:+.2f}x vs the 1.5x limit",
-        }
-    )
-    w3 = results["workloads"].get("W3x8")
-    if w3:
-        slowest = max(max(r["results_s"]) for r in w3[WARM]["restore"]["details"])
+    w0, w2 = results["workloads"]["W0"], results["workloads"]["W2"]
+    median = w2[WARM]["restore"]["median_s"]
+    if raw := w2.get("raw"):
+        ratio = median / raw["median_s"]
         out.append(
-            {
-                "target": "W3 with 8 simultaneous calls (restore): every result within 4 s of the calls",
-                "met": slowest <= 4.0,
-                "value": f"slowest result {slowest:.2f} s over {w3[WARM]['restore']['n']} runs "
-                f"(median time to the last result {w3[WARM]['restore']['median_s']:.2f} s)",
-                "margin": f"{slowest - 4.0:+.2f} s vs the 4 s limit",
-            }
+            target(
+                "W2 `.remote()` restore <= 1.1x the raw restore, and <= 250 ms (medians)",
+                ratio <= 1.1 and median <= 0.25,
+                f"{median * 1000:.0f} ms, {ratio:.2f}x raw ({raw['median_s'] * 1000:.0f} ms)",
+                f"{ratio - 1.1:+.2f}x vs 1.1x; {(median - 0.25) * 1000:+.0f} ms vs 250 ms",
+            )
+        )
+    ratio = w0[WARM]["restore"]["median_s"] / w0[WARM]["cold"]["median_s"]
+    out.append(
+        target(
+            "W0 restore <= 1.2x its cold boot (medians)",
+            ratio <= 1.2,
+            f"{ratio:.2f}x ({w0[WARM]['restore']['median_s'] * 1000:.0f} ms vs "
+            f"{w0[WARM]['cold']['median_s'] * 1000:.0f} ms)",
+            f"{ratio - 1.2:+.2f}x vs the 1.2x limit",
+        )
+    )
+    if DISK_COLD in w2:
+        disk = w2[DISK_COLD]["restore"]["median_s"]
+        out.append(target("W2 disk-cold restore <= 0.6 s (median)", disk <= 0.6, f"{disk:.3f} s",
+                          f"{(disk - 0.6) * 1000:+.0f} ms vs 0.6 s"))  # fmt: skip
+    if w3 := results["workloads"].get("W3x8"):
+        slowest = statistics.median(max(r["results_s"]) for r in w3[WARM]["restore"]["details"])
+        out.append(
+            target(
+                "W3x8 (8 simultaneous W2 calls, restore): slowest result <= 0.8 s (median over runs)",
+                slowest <= 0.8,
+                f"{slowest:.3f} s",
+                f"{(slowest - 0.8) * 1000:+.0f} ms vs 0.8 s",
+            )
+        )
+    snap = w2["snapshot"]
+    if snap.get("rss_bytes"):
+        ratio = snap["disk_bytes"] / snap["rss_bytes"]
+        out.append(
+            target(
+                "W2 snapshot on disk <= 0.6x the container's RSS",
+                ratio <= 0.6,
+                f"{ratio:.2f}x ({snap['disk_bytes'] / 1e6:.0f} MB on disk, RSS {snap['rss_bytes'] / 1e6:.0f} MB)",
+                f"{ratio - 0.6:+.2f}x vs 0.6x",
+            )
         )
     return out
 
@@ -849,7 +864,7 @@ def main() -> None:
         for variant in (WARM, DISK_COLD)
         if variant in w
         for r in w[variant]["restore"]["details"]
-        if r.get("restored_containers") != (w.get("calls") or 1)
+        if not r.get("restored_containers") or r["log"]["cold_boots"]
     ]
     idle = [
         (len(r["log"]["restores"]), sum(1 for e in r["log"]["restores"] if e["first_input_ms"] is None))
@@ -862,6 +877,15 @@ def main() -> None:
             "call: each call goes to whichever container is ready first, and a container that has answered takes the "
             "next queued call, so the slowest restores found the queue empty."
         )
+    per_run = {
+        key: [len(r["log"]["restores"]) for r in results["workloads"][key][WARM]["restore"]["details"]]
+        for key in ("W3x4", "W3x8")
+    }
+    notes.append(
+        f"W3 restore runs: containers restored per run {per_run}. Restores run a few at a time "
+        "(WARMBOOT_MAX_PARALLEL_RESTORES, default the CPU count), and a start still waiting for its turn is dropped "
+        "once containers that became ready have taken its calls (server/restore_slots.py)."
+    )
     if unrestored:
         notes.append(f"Restore runs where not every container was restored from the snapshot: {unrestored}.")
     notes.append(

@@ -18,12 +18,15 @@ from warmboot.errors import (
     ContainerBootError,
     ContainerCrashedError,
     FunctionTimeoutError,
+    InvalidOptionError,
     NotFoundError,
     ServerRestartedError,
 )
 from warmboot.protocol import Outcome, Target
+from warmboot.server import restore_slots
 from warmboot.server.calls import Call, CallBook
 from warmboot.server.pool import FunctionPool, PoolSettings
+from warmboot.server.restore_slots import RestoreSlots
 
 WAIT = 30.0  # an upper bound on waits for other threads: reached only when the code under test is broken
 
@@ -209,6 +212,86 @@ def test_an_idle_container_takes_the_next_call_instead_of_a_new_start(fleet: Fle
         wait_done(call)
     assert fleet.starts == 1
     pool.stop()
+
+
+class _HeldSlot:
+    """Holds the one restore slot of ``slots`` on a thread of its own until released."""
+
+    def __init__(self, slots: RestoreSlots):
+        self.release = threading.Event()
+        self._thread = threading.Thread(target=self._hold, args=(slots,), daemon=True)
+        self._thread.start()
+        poll_until("the slot is held", lambda: slots.busy == slots.limit)
+
+    def _hold(self, slots: RestoreSlots) -> None:
+        with slots.slot(lambda: True):
+            self.release.wait(WAIT)
+
+    def end(self) -> None:
+        self.release.set()
+        self._thread.join(WAIT)
+
+
+def _slotted_pool(fleet: Fleet, slots: RestoreSlots) -> FunctionPool:
+    """A pool whose starts take a restore slot first, as the launcher's restores do."""
+    holder: list[FunctionPool] = []
+
+    def launch() -> FakeContainer:
+        with slots.slot(holder[0].start_still_needed):
+            return fleet()
+
+    pool = FunctionPool(PoolSettings("app.f", 60.0, 0, 0, 10, 60.0), launch, lambda _e: None)
+    holder.append(pool)
+    return pool
+
+
+def test_starts_waiting_for_a_restore_slot_are_dropped_when_a_ready_container_takes_their_calls(
+    fleet: Fleet,
+) -> None:
+    slots = RestoreSlots(1)
+    pool = _slotted_pool(fleet, slots)
+    fleet.boot_gate.set()
+    first = new_call(b"a")
+    pool.submit(first)
+    fleet.wait_for("the first container runs call a", lambda: fleet.running_calls == [first.call_id])
+    held = _HeldSlot(slots)  # another function's restore, say
+    later = [new_call(b"b"), new_call(b"c")]
+    for call in later:
+        pool.submit(call)
+    poll_until("two starts wait for the slot", lambda: pool.counts()["booting"] == 2)
+    fleet.call_gate.set()  # the running container ends a, then takes b and c
+    wait_done(first, *later)
+    poll_until("the waiting starts were dropped", lambda: pool.counts()["booting"] == 0)
+    assert fleet.starts == 1, "no container was started for calls that a ready one took"
+    assert [c.outcome.value for c in (first, *later)] == [b"a", b"b", b"c"]  # type: ignore[union-attr]
+    held.end()
+    pool.stop()
+
+
+def test_a_start_still_needed_takes_the_slot_when_it_frees(fleet: Fleet) -> None:
+    slots = RestoreSlots(1)
+    pool = _slotted_pool(fleet, slots)
+    fleet.boot_gate.set()
+    held = _HeldSlot(slots)
+    call = new_call()
+    pool.submit(call)
+    poll_until("the start waits for the slot", lambda: pool.counts()["booting"] == 1)
+    assert fleet.starts == 0
+    held.end()
+    fleet.call_gate.set()
+    wait_done(call)
+    assert fleet.starts == 1 and call.outcome.ok  # type: ignore[union-attr]
+    pool.stop()
+
+
+def test_restore_slots_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WARMBOOT_MAX_PARALLEL_RESTORES", "0")
+    with pytest.raises(InvalidOptionError, match="WARMBOOT_MAX_PARALLEL_RESTORES"):
+        restore_slots.max_parallel_from_env()
+    monkeypatch.setenv("WARMBOOT_MAX_PARALLEL_RESTORES", "3")
+    assert restore_slots.max_parallel_from_env() == 3
+    monkeypatch.delenv("WARMBOOT_MAX_PARALLEL_RESTORES")
+    assert restore_slots.max_parallel_from_env() >= 1
 
 
 def test_max_containers_caps_starts_and_the_rest_queue(fleet: Fleet) -> None:

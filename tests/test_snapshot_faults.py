@@ -136,7 +136,7 @@ def _published(platform: Platform, app: str, snapshots: Path | None = None) -> l
 
 
 def _largest_pages(snap_dir: Path) -> Path:
-    return max(snap_dir.glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    return max(snap_dir.glob("pages-*.img*"), key=lambda p: p.stat().st_size)
 
 
 def _wait_past_retry(platform: Platform, label: str) -> None:

@@ -295,6 +295,7 @@ class RunningApp:
                 starts=self.server.starts,
                 tag=variant.describe(),
                 reseed=bool(self.record.spec.get("reseed_after_restore", True)),
+                slots=self.server.restore_slots,
             )
         stopped = self.server.gpu_allocator.cancel_event()  # set by the pool's stop(): a start waiting for GPUs ends
         gpu_plan = GpuPlan(self.server.gpu_allocator, str(opts["gpu"]), stopped) if opts["gpu"] else None
@@ -315,7 +316,9 @@ class RunningApp:
             batch_size=int(batching["max_batch_size"]) if batching else 0,
             batch_wait=int(batching["wait_ms"]) / 1000 if batching else 0.0,
         )
-        return FunctionPool(settings, launcher, self.event, stopped=stopped, on_first_input=launcher.first_input)
+        pool = FunctionPool(settings, launcher, self.event, stopped=stopped, on_first_input=launcher.first_input)
+        launcher.still_needed = pool.start_still_needed
+        return pool
 
     def event(self, text: str) -> None:
         log.info("%s: %s", self.record.name, text)

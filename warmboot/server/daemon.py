@@ -34,6 +34,7 @@ from warmboot.errors import (
     WarmbootError,
 )
 from warmboot.server import deploy as deploys
+from warmboot.server import restore_slots
 from warmboot.server import scheduler as schedules
 from warmboot.server.api import ApiServer
 from warmboot.server.apps import RunningApp, variant_of
@@ -44,6 +45,7 @@ from warmboot.server.gateway.serve import GatewayServer
 from warmboot.server.gateway.tokens import ProxyTokens
 from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.logs import LogBook
+from warmboot.server.restore_slots import RestoreSlots
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.start_log import StartLog, cold_is_faster
 from warmboot.server.state import AppRecord, State
@@ -70,6 +72,8 @@ class ControlPlane:
         self.calls = CallBook(self.state.connection, self.state.lock)
         self.starts = StartLog(self.state.connection, self.state.lock)  #: each start's times (server.start_log)
         self.apps: dict[str, RunningApp] = {}
+        #: How many restores run at once on this host, for every app's pools (server.restore_slots).
+        self.restore_slots = RestoreSlots(restore_slots.max_parallel_from_env())
         self.gpu_allocator = GpuAllocator(gpus.inventory())  #: this host's GPUs, shared by every app's pools
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 
 from warmboot.errors import ContainerBootError, ContainerError, SnapshotError
 from warmboot.server.gpu_alloc import GpuAllocator
+from warmboot.server.restore_slots import RestoreSlots
 from warmboot.server.snapshots import SnapshotRegistry
 from warmboot.server.start_log import StartChoice, StartLog
 from warmboot.worker import gpus as gpu_devices
 from warmboot.worker.runner import FunctionContainer, LaunchPlan, OutputSink
+from warmboot.worker.snapshot import Snapshot
 
 log = logging.getLogger("warmboot.launcher")
 
@@ -35,6 +37,7 @@ class SnapshotPlan:
     tag: str
     reseed: bool = True
     starts: StartLog | None = None  #: where each start's times go (and what decides restore or cold boot)
+    slots: RestoreSlots | None = None  #: the host's limit on restores at once (None: no limit)
 
 
 @dataclass
@@ -67,6 +70,9 @@ class Launcher:
         self.snapshots = snapshots
         self.gpus = gpus
         self._choice = StartChoice(always_restore=os.environ.get("WARMBOOT_RESTORE_ALWAYS") == "1")
+        #: Asked by a restore that waited for a slot whether its pool still needs it (``FunctionPool
+        #: .start_still_needed``, wired by the app when it makes the pool).
+        self.still_needed: Callable[[], bool] = lambda: True
 
     def __call__(self) -> FunctionContainer:
         """A started container, ready for inputs (holding GPUs of its own, for a gpu= function)."""
@@ -139,6 +145,12 @@ class Launcher:
         snapshot = snap.registry.usable(snap.key, on_failure=self._restore_failed)
         if snapshot is None:
             return None
+        if snap.slots is None:
+            return self._restore_now(plan, snap, snapshot)
+        with snap.slots.slot(self.still_needed):  # raises StartNotNeeded for the pool when it waited in vain
+            return self._restore_now(plan, snap, snapshot)
+
+    def _restore_now(self, plan: LaunchPlan, snap: SnapshotPlan, snapshot: Snapshot) -> FunctionContainer | None:
         fc = FunctionContainer(plan, self._on_output)
         started = time.monotonic()
         try:

@@ -26,6 +26,7 @@ from warmboot.errors import (
 from warmboot.protocol import Outcome
 from warmboot.sdk import retries as retry_rules
 from warmboot.server.calls import Call
+from warmboot.server.restore_slots import StartNotNeeded
 
 log = logging.getLogger("warmboot.pool")
 
@@ -231,9 +232,30 @@ class FunctionPool:
                 self._threads -= 1
                 self._cond.notify_all()
 
+    def start_still_needed(self) -> bool:
+        """Whether a start of this pool that has not begun its work yet (it waits for a restore slot:
+        ``server.restore_slots``) would still be made now. False once the inputs it was started for were taken
+        by containers that became ready meanwhile: the same count as :meth:`_scale_up_locked`, without it."""
+        with self._cond:
+            if self._stopping:
+                return False
+            others_booting = self._booting - 1
+            if len(self._containers) + others_booting < self.settings.min_containers:
+                return True
+            slots = self.settings.inputs_per_container
+            uncovered = len(self._queue) - self._idle * max(1, self.settings.batch_size) - self._batch_room
+            return uncovered - others_booting * slots > 0
+
     def _run_container(self) -> None:
         try:
             fc = self._launch()
+        except StartNotNeeded:
+            with self._cond:
+                self._booting -= 1
+                waiting = len(self._queue)
+            log.info("%s: a container start was dropped: running containers took its inputs (%d waiting)",
+                     self.settings.label, waiting)  # fmt: skip
+            return
         except WarmbootError as exc:
             self._boot_failed(exc)
             return

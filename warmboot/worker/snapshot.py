@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,7 @@ from warmboot.errors import (
     SnapshotNotFoundError,
 )
 from warmboot.worker import container as containers
-from warmboot.worker import criu, host
+from warmboot.worker import criu, host, snapshot_files
 from warmboot.worker.sandbox import netns, rootfs
 
 log = logging.getLogger("warmboot.snapshot")
@@ -63,8 +64,19 @@ class Snapshot:
 
     @property
     def size_bytes(self) -> int:
-        """Bytes on disk of the CRIU images (memory pages included)."""
+        """Bytes on disk of the CRIU images (memory pages included, compressed where they are stored so)."""
         return int(self.manifest["total_bytes"])
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the CRIU images uncompressed: what a restore reads, and its copy in memory takes."""
+        return snapshot_files.manifest_bytes(self.manifest)
+
+    @property
+    def rss_bytes(self) -> int | None:
+        """The container's resident memory when it was dumped (``None`` for snapshots made before it was kept)."""
+        value = self.manifest.get("rss_bytes")
+        return int(value) if value is not None else None
 
     @property
     def pages_bytes(self) -> int:
@@ -105,6 +117,23 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files directly in ``path``."""
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def _rss_bytes(pids: list[int]) -> int:
+    """Resident memory of these processes together (anonymous and file pages they have mapped)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError), open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -118,10 +147,12 @@ def _pid_alive(pid: int) -> bool:
 class SnapshotStore:
     """Published snapshots under one directory (default ``$WARMBOOT_HOME/snapshots``), readable by root only."""
 
-    def __init__(self, root: Path | None = None):
+    def __init__(self, root: Path | None = None, *, cache: snapshot_files.MemoryCache | None = None):
         self.root = Path(root) if root is not None else config.snapshots_dir()
         self.root.mkdir(parents=True, exist_ok=True)
         os.chmod(self.root, 0o700)
+        #: Uncompressed copies of the snapshots in memory, which restores read (worker/snapshot_files.py).
+        self.cache = cache if cache is not None else snapshot_files.MemoryCache(self.root)
         self._verified: set[tuple[object, ...]] = set()  # image file versions whose checksum matched
         self._logs = self.root / ".logs"
         self._logs.mkdir(exist_ok=True)
@@ -164,6 +195,7 @@ class SnapshotStore:
         doomed = self.root / f"{_TMP_PREFIX}rm-{snapshot_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         os.rename(path, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
+        self.cache.drop(snapshot_id)
 
     def mark_broken(self, snapshot: Snapshot, reason: str) -> None:
         """Record that ``snapshot`` must never be restored again, and why."""
@@ -202,7 +234,9 @@ class SnapshotStore:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)  # removed by hand since start: make it again
         tmp.mkdir(mode=0o700)
         started = time.monotonic()
+        staging = None
         try:
+            rss = _rss_bytes(target.pids())
             # The container's network namespace has only loopback until START: there is no traffic to lock, and
             # nothing in it to save: it is external, and each restore gets a fresh one (sandbox/netns.py).
             args = ["dump", "-t", str(target.pid), "-D", str(tmp), "-W", str(tmp), "--network-lock", "skip"]
@@ -229,12 +263,18 @@ class SnapshotStore:
             finally:
                 if leave_running:
                     target.resume()
-            manifest = self._write_manifest(tmp, target, snapshot_id, dump_s, metadata or {}, external)
+            # The pages pass through memory once more as they are packed: the copy restores read is made then.
+            staging = self.cache.staging_for(snapshot_id, _tree_bytes(tmp))
+            manifest = self._write_manifest(tmp, target, snapshot_id, dump_s, metadata or {}, external, staging, rss)
             os.rename(tmp, final)
             _fsync_path(self.root)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            if staging is not None:
+                shutil.rmtree(staging, ignore_errors=True)
             raise
+        if staging is not None:
+            self.cache.publish(staging, manifest)
         snap = Snapshot(snapshot_id, final, manifest)
         log.info(
             "snapshot %s created in %.2f s (%.0f MB)",
@@ -252,6 +292,8 @@ class SnapshotStore:
         dump_s: float,
         metadata: dict[str, Any],
         external: dict[str, dict[str, str]],
+        cache_copy: Path | None,
+        rss: int,
     ) -> dict[str, Any]:
         files: dict[str, dict[str, Any]] = {}
         for path in sorted(tmp.iterdir()):
@@ -261,7 +303,13 @@ class SnapshotStore:
                 os.chmod(path, 0o600)
                 continue
             os.chmod(path, 0o600)  # images hold process memory, secrets included
+            copy_to = cache_copy / path.name if cache_copy is not None else None
+            if path.name.startswith("pages-") and path.stat().st_size >= snapshot_files.COMPRESS_MIN_BYTES:
+                files[path.name] = snapshot_files.pack(path, copy_to=copy_to)  # fsynced
+                continue
             files[path.name] = {"size": path.stat().st_size, "xxh3_128": _hash_file(path)}
+            if copy_to is not None:
+                shutil.copyfile(path, copy_to)
             _fsync_path(path)
         fp = host.fingerprint()
         manifest = {
@@ -277,7 +325,8 @@ class SnapshotStore:
             "external_netns": _NETNS_KEY,
             "layers": [str(p) for p in target.layers],
             "files": files,
-            "total_bytes": sum(f["size"] for f in files.values()),
+            "total_bytes": sum(f.get("stored_size", f["size"]) for f in files.values()),
+            "rss_bytes": rss,
             "metadata": metadata,
         }
         manifest_path = tmp / MANIFEST
@@ -316,7 +365,11 @@ class SnapshotStore:
                 "worker or make a new snapshot here",
                 snapshot_id=snapshot.id,
             )
-        for name, expected in m["files"].items():
+        for name, entry in m["files"].items():
+            # A compressed image is checked as stored; its decompressed copy is checked when it is made.
+            name = snapshot_files.stored_name(name, entry)
+            size_wanted = entry.get("stored_size", entry["size"])
+            hash_wanted = entry.get("stored_xxh3_128", entry["xxh3_128"])
             path = snapshot.path / name
             try:
                 st = path.stat()
@@ -325,12 +378,12 @@ class SnapshotStore:
             size = st.st_size
             # Hashing 340 MB costs ~50 ms of every restore, so each *version* of a file (inode, size, mtime,
             # ctime) is verified once per process: any write to the file, or a replacement, verifies it again.
-            version = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, expected["xxh3_128"])
+            version = (str(path), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, hash_wanted)
             if version in self._verified:
                 continue
-            if size != expected["size"] or _hash_file(path) != expected["xxh3_128"]:
+            if size != size_wanted or _hash_file(path) != hash_wanted:
                 raise SnapshotCorruptError(
-                    f"image {name} does not match its checksum (size {size}, expected {expected['size']})",
+                    f"image {name} does not match its checksum (size {size}, expected {size_wanted})",
                     snapshot_id=snapshot.id,
                 )
             self._verified.add(version)
@@ -355,6 +408,33 @@ class SnapshotStore:
             if snapshot.broken_reason() is None:
                 self.mark_broken(snapshot, str(exc))
             raise
+        with self._images(snapshot) as images:
+            unpacked = time.monotonic()
+            copy = self._restore_from(snapshot, images, run_dir)
+        copy.timings = {
+            "check_ms": (checked - started) * 1000,
+            "unpack_ms": (unpacked - checked) * 1000,
+            **copy.timings,
+        }
+        return copy
+
+    @contextlib.contextmanager
+    def _images(self, snapshot: Snapshot) -> Iterator[Path]:
+        """The folder CRIU reads the snapshot's images from: the snapshot's own, or where some are stored
+        compressed, their uncompressed copy in memory (made now if there is none; worker/snapshot_files.py)."""
+        if not snapshot_files.is_packed(snapshot.manifest):
+            yield snapshot.path
+            return
+        with contextlib.ExitStack() as stack:
+            try:
+                images = stack.enter_context(self.cache.images(snapshot.id, snapshot.path, snapshot.manifest))
+            except SnapshotCorruptError as exc:
+                self.mark_broken(snapshot, str(exc))
+                raise
+            yield images
+
+    def _restore_from(self, snapshot: Snapshot, images: Path, run_dir: Path) -> containers.Container:
+        started = time.monotonic()
         containers.ensure_subreaper()
         self._logs.mkdir(parents=True, exist_ok=True)  # the store's root may have been cleaned out by hand
         layers = [Path(p) for p in snapshot.manifest.get("layers", [])]
@@ -369,7 +449,7 @@ class SnapshotStore:
         args = [
             "restore",
             "-D",
-            str(snapshot.path),
+            str(images),
             "-W",
             str(self._logs),
             "--restore-detached",
@@ -427,5 +507,5 @@ class SnapshotStore:
             layers=layers,
             mounts=[containers.BindMount(m["source"], m["target"]) for m in external.values()],
         )
-        copy.timings = {"check_ms": (checked - started) * 1000, "criu_restore_ms": (restored - checked) * 1000}
+        copy.timings = {"criu_restore_ms": (restored - started) * 1000}
         return copy
