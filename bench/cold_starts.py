@@ -195,6 +195,11 @@ def snapshot_of(w: Workload) -> dict[str, Any] | None:
     return records[0] if records else None
 
 
+def manifest_of(snapshot_id: str) -> dict[str, Any]:
+    """The snapshot's manifest, as the store wrote it (its sizes, the container's RSS when it was dumped)."""
+    return json.loads((config.home() / "snapshots" / snapshot_id / "manifest.json").read_text())
+
+
 def disk_bytes(snapshot_id: str) -> int:
     """Bytes the snapshot's files take on disk (allocated blocks)."""
     root = config.home() / "snapshots" / snapshot_id
@@ -331,7 +336,7 @@ def prepare(w: Workload) -> dict[str, Any]:
         "size_bytes": record["size_bytes"],
         "disk_bytes": disk_bytes(record["snapshot_id"]),
         "create_seconds": round(record["create_seconds"], 4),
-        "rss_bytes": record.get("rss_bytes"),
+        "rss_bytes": manifest_of(record["snapshot_id"]).get("rss_bytes"),
     }
     console.print(
         f"[bold]{w.key}[/] {w.title}: first call {first_call:.2f} s (cold boot + snapshot: "

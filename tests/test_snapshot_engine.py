@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +25,7 @@ from warmboot.errors import (
     SnapshotFileChangedError,
     SnapshotIncompatibleError,
 )
+from warmboot.worker import cgroups
 from warmboot.worker import container as containers
 from warmboot.worker.sandbox import capabilities
 from warmboot.worker.snapshot import MANIFEST, UPPER_COPY, SnapshotStore
@@ -436,3 +438,27 @@ def test_volume_below_a_directory_the_image_has(running: Running, store: Snapsho
     snap = store.checkpoint(original, leave_running=True)
     copy = running.restore(store, snap)
     assert ask(copy, "read /root/.cache/models/weights.txt")["result"] == "cached"
+
+
+def test_a_restored_copy_is_born_in_its_cgroups_and_its_memory_is_charged_there(
+    store: SnapshotStore, running: Running
+) -> None:
+    """cgroup v2 never moves what a process was charged: a copy moved after its restore would leave its pages
+    charged to the restoring process's group, outside the container's memory limit."""
+    original = running.start_stateful("--dict-size", "1000000")
+    snap = store.checkpoint(original)
+    name = f"test-born-{uuid.uuid4().hex[:8]}"
+    groups = cgroups.create(name, cgroups.Limits.for_function(memory_mib=2048, cpu=None))
+    try:
+        copy = running.add(store.restore(snap, running.run_dir(), cgroups=groups.paths))
+        assert ask(copy, "after")["dict_len"] == 1_000_000
+        members = {int(p) for g in groups.paths for p in (g / "cgroup.procs").read_text().split()}
+        assert set(copy.pids()) <= members
+        assert groups.memory is not None
+        usage = next(groups.memory / n for n in ("memory.current", "memory.usage_in_bytes")  # v2, v1
+                     if (groups.memory / n).exists())  # fmt: skip
+        charged = int(usage.read_text())
+        assert charged >= snap.pages_bytes // 2, (charged, snap.pages_bytes)
+        copy.kill(timeout=10)
+    finally:
+        groups.remove()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from pathlib import Path
 
@@ -105,7 +106,11 @@ def serve(
 
     path, _, app = appfile.load(file)
     stop = threading.Event()
+    # Ctrl-C only sets `stop`: raised as KeyboardInterrupt in the middle of a reload (the old version half
+    # stopped, a request to the server half sent), it left the command unable to stop the versions it serves.
+    previous_handler = signal.signal(signal.SIGINT, lambda _sig, _frame: stop.set())
     with contextlib.ExitStack() as current:
+        current.callback(signal.signal, signal.SIGINT, previous_handler)
         current.enter_context(_serve_version(path, app))
         try:
             for changes in watch(path.parent, stop_event=stop, watch_filter=lambda _c, p: p.endswith(".py")):
@@ -121,7 +126,9 @@ def serve(
                 previous = current.pop_all()
                 current.push(new.pop_all())
                 previous.close()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C while the handler was being set
+            stop.set()
+        if stop.is_set():
             console.print("Stopping ...")
 
 

@@ -43,11 +43,6 @@ class Groups:
     paths: tuple[Path, ...]
     memory: Path | None  #: where the OOM kill count lives
 
-    def join(self, pid: int) -> None:
-        """Move ``pid`` into every group (each process of a restored copy must be moved on its own)."""
-        for group in self.paths:
-            (group / "cgroup.procs").write_text(str(pid))
-
     def oom_kills(self) -> int:
         """How many of the container's processes the kernel killed for exceeding its memory limit.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import re
+import shlex
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -100,10 +101,25 @@ def _fs_type(path: str | Path) -> int | None:
     return int.from_bytes(buf.raw[:8], "little", signed=True)
 
 
-def run(args: Sequence[str], *, log_path: Path, pass_fds: Sequence[int] = (), timeout: float = 300) -> CriuResult:
-    """Run ``criu ARGS`` with its log at ``log_path``; never raises for CRIU's own failure."""
+def run(
+    args: Sequence[str],
+    *,
+    log_path: Path,
+    pass_fds: Sequence[int] = (),
+    timeout: float = 300,
+    cgroups: Sequence[Path] = (),
+) -> CriuResult:
+    """Run ``criu ARGS`` with its log at ``log_path``; never raises for CRIU's own failure.
+
+    ``cgroups``: groups CRIU joins before it starts, so that the processes it restores are born in them. Their
+    memory is then charged to the container's group (cgroup v2 never moves what a process was charged when it
+    is moved later), and no process has to be moved after the restore.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [*_kdat_cache_prefix(), str(binary()), *args, "--log-file", str(log_path), "-v2"]
+    if cgroups:
+        joins = " && ".join(f"echo $$ > {shlex.quote(str(g / 'cgroup.procs'))}" for g in cgroups)
+        cmd = ["sh", "-c", f'{joins} && exec "$@"', "criu-in-cgroup", *cmd]
     proc = subprocess.run(
         cmd,
         pass_fds=tuple(pass_fds),

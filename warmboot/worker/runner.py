@@ -187,14 +187,13 @@ class FunctionContainer:
 
     def restore(self, store: SnapshotStore, snapshot: Snapshot) -> None:
         """Restore a copy of ``snapshot`` (taken at the snapshot point) instead of booting; then call :meth:`start`."""
-        self.container = store.restore(snapshot, self.run_dir)
+        creating = time.monotonic()
+        self._groups = cgroups.create(self.id, self.plan.limits)
+        self.timings["cgroup_ms"] = (time.monotonic() - creating) * 1000
+        # Born in its groups: its memory is charged there (a later move would leave it charged to the server).
+        self.container = store.restore(snapshot, self.run_dir, cgroups=self._groups.paths)
         self.restored_from = snapshot.id
         self.timings.update(self.container.timings)
-        joining = time.monotonic()
-        self._groups = cgroups.create(self.id, self.plan.limits)
-        for pid in self.container.pids():  # every process: a child does not follow its parent's move
-            self._groups.join(pid)
-        self.timings["cgroup_ms"] = (time.monotonic() - joining) * 1000
         if snapshot.manifest.get("metadata", {}).get("gpu_snapshot"):
             # A GPU memory snapshot: put the copy's device memory back on the GPU (GpuSnapshotError if not).
             resumed = time.monotonic()

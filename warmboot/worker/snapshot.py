@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -388,11 +388,11 @@ class SnapshotStore:
                 )
             self._verified.add(version)
 
-    def restore(self, snapshot: Snapshot | str, run_dir: Path) -> containers.Container:
+    def restore(self, snapshot: Snapshot | str, run_dir: Path, *, cgroups: Sequence[Path] = ()) -> containers.Container:
         """Restore a new copy of ``snapshot`` on fresh channels and return it, running.
 
         ``run_dir`` becomes the copy's run directory: a writable layer seeded from the snapshot's, on the
-        snapshot's image layers.
+        snapshot's image layers. The copy's processes are born in ``cgroups`` (CRIU runs in them).
 
         Raises :class:`SnapshotIncompatibleError` or :class:`SnapshotCorruptError` before CRIU runs, and
         :class:`SnapshotFileChangedError` or :class:`RestoreError` (with CRIU's error lines) when CRIU fails.
@@ -410,7 +410,7 @@ class SnapshotStore:
             raise
         with self._images(snapshot) as images:
             unpacked = time.monotonic()
-            copy = self._restore_from(snapshot, images, run_dir)
+            copy = self._restore_from(snapshot, images, run_dir, cgroups)
         copy.timings = {
             "check_ms": (checked - started) * 1000,
             "unpack_ms": (unpacked - checked) * 1000,
@@ -433,7 +433,9 @@ class SnapshotStore:
                 raise
             yield images
 
-    def _restore_from(self, snapshot: Snapshot, images: Path, run_dir: Path) -> containers.Container:
+    def _restore_from(
+        self, snapshot: Snapshot, images: Path, run_dir: Path, cgroups: Sequence[Path]
+    ) -> containers.Container:
         started = time.monotonic()
         containers.ensure_subreaper()
         self._logs.mkdir(parents=True, exist_ok=True)  # the store's root may have been cleaned out by hand
@@ -471,7 +473,7 @@ class SnapshotStore:
             args += ["--inherit-fd", f"fd[{netns_fd}]:{key}"]
             passed.append(netns_fd)
         try:
-            result = criu.run(args, log_path=log_path, pass_fds=tuple(passed))
+            result = criu.run(args, log_path=log_path, pass_fds=tuple(passed), cgroups=cgroups)
             restored = time.monotonic()
         finally:
             pipes.close_container_ends()
