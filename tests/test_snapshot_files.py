@@ -197,3 +197,15 @@ def test_a_corrupted_compressed_image_is_refused_and_marks_the_snapshot_broken(
     with pytest.raises(SnapshotCorruptError, match=stored.name):
         running.restore(store, snap)
     assert "checksum" in json.loads((snap.path / "broken.json").read_text())["reason"]
+
+
+def test_the_copies_live_on_a_tmpfs_of_their_own_with_huge_pages(store: SnapshotStore, running: Running) -> None:
+    snap = store.checkpoint(running.start_stateful("--dict-size", "1000000"))
+    root = store.cache.root
+    assert root == snapshot_files.cache_root_from_env() and os.path.ismount(root)
+    [line] = [ln.split() for ln in Path("/proc/self/mountinfo").read_text().splitlines() if ln.split()[4] == str(root)]
+    fs_type, options = line[line.index("-") + 1], line[-1]
+    assert fs_type == "tmpfs" and "huge=within_size" in options, line
+    assert oct(os.stat(root).st_mode & 0o777) == "0o700"
+    pages = max((store.cache.dir / snap.id).glob("pages-*.img"), key=lambda p: p.stat().st_size)
+    assert pages.stat().st_size == snap.manifest["files"][pages.name]["size"]

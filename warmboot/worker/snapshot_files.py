@@ -6,6 +6,10 @@ takes a fifth of the disk. CRIU cannot read compressed images, and decompressing
 (:class:`MemoryCache`), made once per snapshot: while the dump is packed (the pages pass through memory then
 anyway), or on the first restore after the copy was evicted or the host rebooted.
 
+The copies live on a tmpfs of warmboot's own, mounted with ``huge=within_size``: CRIU then copies the pages
+out of 2 MB folios. Measured on W2, restores from a plain tmpfs (4 KB pages) took 216 ms, from the page cache of
+a disk 192 ms, from this tmpfs 188 ms. The mount option is this mount's alone; no host-wide setting changes.
+
 The copies obey a budget (``WARMBOOT_SNAPSHOT_CACHE_MB``, default a quarter of the host's memory) and the least
 recently restored ones go first. A copy in use is pinned with a shared ``flock`` (several processes may restore
 from one store: the server, benchmarks), so eviction never removes files under a running CRIU.
@@ -17,8 +21,10 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -41,6 +47,8 @@ _LOCK = ".lock"  #: shared-flocked while a restore reads the entry; eviction tak
 _TMP = ".tmp-"
 _STORE_FILE = "store"  #: in each store's folder of the cache: the store it belongs to (for the sweep)
 _TMPFS_FREE_MARGIN = 256 << 20  #: never fill the cache's tmpfs closer than this to full
+
+log = logging.getLogger("warmboot.snapshot_files")
 
 
 def stored_name(name: str, entry: dict[str, Any]) -> str:
@@ -84,6 +92,8 @@ def pack(path: Path, *, copy_to: Path | None = None) -> dict[str, Any]:
         out = _HashingWriter(f)
         with contextlib.ExitStack() as stack:
             copy = stack.enter_context(open(copy_to, "wb")) if copy_to is not None else None
+            if copy is not None:
+                _preallocate(copy, os.fstat(src.fileno()).st_size)
             with compressor.stream_writer(out, closefd=False) as writer:  # ends the frame on exit
                 while chunk := src.read(_CHUNK):
                     raw_hash.update(chunk)
@@ -110,6 +120,7 @@ def unpack(src: Path, dest: Path, entry: dict[str, Any], snapshot_id: str) -> No
     size = 0
     try:
         with open(src, "rb") as f, open(dest, "wb") as out:
+            _preallocate(out, int(entry["size"]))
             reader = zstandard.ZstdDecompressor().stream_reader(f)
             while chunk := reader.read(_CHUNK):
                 digest.update(chunk)
@@ -149,12 +160,15 @@ class MemoryCache:
     """Uncompressed copies of one store's snapshots, in a tmpfs, within a byte budget shared by every store."""
 
     def __init__(self, store_root: Path, *, root: Path | None = None, budget: int | None = None):
+        #: Only the configured root gets a tmpfs mounted on it: a root given here (tests) is used as it is.
+        self._mount_tmpfs = root is None
         self.root = root if root is not None else cache_root_from_env()
         self.budget = budget if budget is not None else budget_from_env()
         key = hashlib.sha256(str(store_root.resolve()).encode()).hexdigest()[:16]
         self.dir = self.root / key
         self._store_root = store_root
         self._lock = threading.Lock()  #: one copy made at a time in this process (two restores, one miss)
+        self._ready = False
 
     # ----- using a copy ---------------------------------------------------------------------------------
 
@@ -168,9 +182,9 @@ class MemoryCache:
         """
         entry = self.dir / snapshot_id
         with self._lock:
+            self._ensure_dirs()
             pinned = self._pin(entry, manifest)
             if pinned is None:
-                self._ensure_dirs()
                 keep = self._make_room(manifest_bytes(manifest), exclude=entry)
                 staging = self.dir / f"{_TMP}{snapshot_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
                 try:
@@ -294,12 +308,19 @@ class MemoryCache:
         return used + wanted <= self.budget and wanted <= free
 
     def _ensure_dirs(self) -> None:
-        if not self.dir.is_dir():
-            self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.chmod(self.root, 0o700)  # copies of process memory: root only, like the store
-            self.dir.mkdir(mode=0o700, exist_ok=True)
-            (self.dir / _STORE_FILE).write_text(str(self._store_root.resolve()))
-            self._sweep()
+        """Once per cache object: the root (a tmpfs mounted on it if need be), this store's folder, a sweep."""
+        if self._ready:
+            return
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._mount_tmpfs and not os.path.ismount(self.root):
+            for old in self.root.iterdir():  # copies made before the mount would stay hidden under it, in memory
+                shutil.rmtree(old, ignore_errors=True)
+            _mount_huge_tmpfs(self.root)
+        os.chmod(self.root, 0o700)  # copies of process memory: root only, like the store
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        (self.dir / _STORE_FILE).write_text(str(self._store_root.resolve()))
+        self._sweep()
+        self._ready = True
 
     def _sweep(self) -> None:
         """Remove the copies of stores that no longer exist (a test's temporary store, a removed home), and
@@ -317,6 +338,27 @@ class MemoryCache:
                 owner_pid = entry.name.split("-")[-2]  # .tmp-[once-]ID-PID-RAND
                 if not owner_pid.isdigit() or not _pid_alive(int(owner_pid)):
                     shutil.rmtree(entry, ignore_errors=True)
+
+
+def _mount_huge_tmpfs(path: Path) -> None:
+    """Mount a tmpfs whose big files get huge pages on ``path``; where that fails, copies go to ``path`` as is."""
+    for options in ("huge=within_size,mode=0700", "mode=0700"):  # a kernel without THP refuses huge=
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "warmboot-snapshot-cache", str(path)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if done.returncode == 0:
+            return
+    log.warning("could not mount a tmpfs on %s (%s); snapshot copies go to it as it is", path, done.stderr.strip())
+
+
+def _preallocate(f: Any, size: int) -> None:
+    """Set a big file's final size before writing it, so that the cache's tmpfs gives it huge pages
+    (``huge=within_size`` allocates one only where the file already extends over all of it)."""
+    if size >= COMPRESS_MIN_BYTES:
+        os.ftruncate(f.fileno(), size)
 
 
 def manifest_bytes(manifest: dict[str, Any]) -> int:
