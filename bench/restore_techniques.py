@@ -97,10 +97,11 @@ def lazy_pages(images: Path, work: Path) -> Iterator[None]:
 
     def run(args: list[str], **kw: Any) -> criu.CriuResult:
         if args and args[0] == "restore":
+            socket = work / "lazy-pages.socket"
+            socket.unlink(missing_ok=True)  # a previous daemon's: its existence is how we see the new one listen
             cmd = [*criu._kdat_cache_prefix(), str(criu.binary()), "lazy-pages", "-D", str(images), "-W", str(work)]
             cmd += ["--log-file", str(work / "lazy-pages.log")]
             daemons.append(subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL))
-            socket = work / "lazy-pages.socket"
             deadline = time.monotonic() + 10
             while not socket.exists():  # the daemon's socket is how a restore reaches it: nothing to wait on
                 if time.monotonic() > deadline or daemons[-1].poll() is not None:
