@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-engine test lint bench bench-engine bench-sandbox soak doctor
+.PHONY: setup demo demo-engine test lint bench bench-engine bench-sandbox bench-techniques soak doctor
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,9 @@ bench: setup
 
 bench-engine: setup
 	@$(PY) bench/restore.py
+
+bench-techniques: setup
+	@$(PY) bench/restore_techniques.py
 
 bench-sandbox: setup
 	@$(PY) bench/sandbox_choice.py
