@@ -591,12 +591,18 @@ def breakdown(results: dict[str, Any]) -> dict[str, Any] | None:
     total_ms = run["seconds"] * 1000
     first = phases.get("first_input_ms", 0.0)
     named = {
+        "cgroup_ms": "making the container's cgroups (CRIU runs in them)",
         "check_ms": "snapshot checks (manifest, fingerprint, image checksums)",
-        "criu_restore_ms": "CRIU restore",
+        "unpack_ms": "its images' copy in memory (decompressed only after an eviction)",
+        "mounts_ms": "run directory, writable layer, overlay root, network namespace, pipes",
+        "criu_restore_ms": "CRIU restore (pages loaded into memory included)",
         "cuda_restore_ms": "GPU state back on the GPU (cuda-checkpoint)",
-        "cgroup_ms": "joining the container's cgroups",
-        "start_ms": "START to READY: network, reseed, @enter(snap=False)",
+        "network_ms": "outbound network attached",
+        "resume_ms": "START to READY: the runtime resumes (environment, reseed)",
+        "enter_ms": "@enter(snap=False)",
     }
+    if "enter_ms" not in phases:  # rows recorded before start_ms was split
+        named["start_ms"] = "START to READY: network, reseed, @enter(snap=False)"
     steps = [(title, phases[key]) for key, title in named.items() if key in phases]
     steps.append(("restore bookkeeping (plan, fresh pipes, registry)", start["total_ms"] - sum(ms for _, ms in steps)))
     steps.append(("first call: the input in the container, encode, result back", first))

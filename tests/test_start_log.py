@@ -79,14 +79,22 @@ def test_a_restore_that_wins_by_far_is_rechecked_rarely_and_the_setting_turns_it
 
 
 SOURCE = """
+import time
+
 import warmboot as modal
 
 app = modal.App({app!r})
 
 
-@app.function(enable_memory_snapshot=True, max_inputs=1)
-def square(x):
-    return x * x
+@app.cls(enable_memory_snapshot=True, max_inputs=1)
+class Squarer:
+    @modal.enter(snap=False)
+    def connect(self):
+        time.sleep(0.05)  # the hook's own work: its phase must count at least this
+
+    @modal.method()
+    def square(self, x):
+        return x * x
 """
 
 
@@ -97,7 +105,7 @@ def test_restores_record_their_phases_and_snapshot_list_shows_percentiles(platfo
         f"""
         import json, warmboot
         from warmboot.sdk import client
-        f = warmboot.Function.from_name({name!r}, "square")
+        f = warmboot.Cls.from_name({name!r}, "Squarer")().square
         results = [f.remote(i) for i in range(4)]  # max_inputs=1: a cold boot (the snapshot's), then 3 restores
         [record] = [r for r in client.request("snapshot_list") if r["app_name"] == {name!r}]
         print(json.dumps({{"results": results, "record": record,
@@ -109,9 +117,15 @@ def test_restores_record_their_phases_and_snapshot_list_shows_percentiles(platfo
     assert got["results"] == [0, 1, 4, 9]
     starts = got["starts"]
     assert [s["kind"] for s in starts] == ["cold", "restore", "restore", "restore"]
-    assert set(starts[0]["phases"]) == {"boot_ms", "start_ms", "first_input_ms"}
+    start_parts = {"network_ms", "resume_ms", "enter_ms"}
+    assert set(starts[0]["phases"]) == {"boot_ms", "start_ms", "first_input_ms"} | start_parts
+    restore_phases = {"cgroup_ms", "check_ms", "unpack_ms", "mounts_ms", "criu_restore_ms", "start_ms"}
+    for start in starts:
+        phases = start["phases"]
+        assert phases["enter_ms"] >= 50, phases
+        assert sum(phases[p] for p in start_parts) == pytest.approx(phases["start_ms"], abs=0.1)
     for restore in starts[1:]:
-        assert {"check_ms", "criu_restore_ms", "cgroup_ms", "start_ms", "first_input_ms"} <= set(restore["phases"])
+        assert restore_phases | start_parts | {"first_input_ms"} <= set(restore["phases"])
         assert restore["total_ms"] >= restore["phases"]["criu_restore_ms"] > 0
     record = got["record"]
     restore_ms = sorted(s["total_ms"] for s in starts[1:])
@@ -124,7 +138,7 @@ def test_restores_record_their_phases_and_snapshot_list_shows_percentiles(platfo
         dict(zip(SNAPSHOT_LIST_COLUMNS, cells, strict=True))
         for line in table.stdout.splitlines()
         if len(cells := [c.strip() for c in line.split("│")[1:-1]]) == len(SNAPSHOT_LIST_COLUMNS)
-        and cells[0] == f"{name}.square"
+        and cells[0] == f"{name}.Squarer"
     ]
     assert len(rows) == 1
     assert rows[0]["restore p50/p95"] == f"{record['restore_p50_ms']:.0f}/{record['restore_p95_ms']:.0f} ms"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import time
 import traceback
 from typing import Any
 
@@ -154,6 +155,7 @@ def main() -> int:
         _reseed()
     if start.gpus_added:
         _forget_cached_gpu_counts()
+    entering = time.monotonic()
     try:
         service.run_hooks("enter", executor)
     except BaseException:  # noqa: BLE001
@@ -166,7 +168,7 @@ def main() -> int:
             detail = f"{type(exc).__name__}: {exc}"
             wire.send_message(control_out, wire.InitError("web", f"{traceback.format_exc()}\n{detail}"))
             return 1
-    wire.send_message(control_out, wire.Ready())
+    wire.send_message(control_out, wire.Ready(enter_ms=round((time.monotonic() - entering) * 1000, 2)))
 
     # Past the snapshot point the pipe is read here only, without deadlines: through a buffer, one read() takes
     # several frames (a web request's body chunks, concurrent inputs).

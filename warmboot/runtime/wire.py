@@ -53,6 +53,7 @@ class Ready:
     """``@enter(snap=False)`` done: the container takes inputs."""
 
     TYPE: ClassVar[str] = READY
+    enter_ms: float = 0.0  #: how long the ``@enter(snap=False)`` hooks and a web endpoint's startup took
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,9 @@ class Launcher:
         self._event(f"Container {fc.id} started for {self.label} (cold boot in {seconds:.2f} s{chosen})")
         if snap is not None and snap.starts is not None:
             # The snapshot's own creation is not part of what a cold boot costs.
-            phases = {"boot_ms": (booted - started) * 1000, "start_ms": fc.timings.get("start_ms", 0.0)}
+            phases = {"boot_ms": (booted - started) * 1000}
+            start_phases = ("start_ms", "network_ms", "resume_ms", "enter_ms")
+            phases.update({k: fc.timings[k] for k in start_phases if k in fc.timings})
             fc.start_row = snap.starts.record(snap.key, "cold", fc.id, (seconds - snapshot_seconds) * 1000, phases)
         return fc
 

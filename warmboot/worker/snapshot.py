@@ -473,6 +473,7 @@ class SnapshotStore:
             args += ["--inherit-fd", f"fd[{netns_fd}]:{key}"]
             passed.append(netns_fd)
         try:
+            prepared = time.monotonic()
             result = criu.run(args, log_path=log_path, pass_fds=tuple(passed), cgroups=cgroups)
             restored = time.monotonic()
         finally:
@@ -509,5 +510,6 @@ class SnapshotStore:
             layers=layers,
             mounts=[containers.BindMount(m["source"], m["target"]) for m in external.values()],
         )
-        copy.timings = {"criu_restore_ms": (restored - started) * 1000}
+        # CRIU's time includes loading the pages (about 130 of W2's 170 ms, from CRIU's own timestamped log).
+        copy.timings = {"mounts_ms": (prepared - started) * 1000, "criu_restore_ms": (restored - prepared) * 1000}
         return copy
