@@ -719,6 +719,13 @@ def plot(results: dict[str, Any], path: Path) -> None:
                     ha="center",
                     fontsize=7,
                 )
+        raw = results["workloads"]["W2"].get("raw")
+        if variant == WARM and raw and "W2" in keys:
+            at = keys.index("W2") + width + 0.1  # right of W2's restore bar, clear of the next workload's
+            label = "raw CRIU restore (no platform)"
+            ax.bar(at, raw["median_s"], 0.18, color="#9bbb59", hatch="//", label=label)
+            ax.annotate(fmt_s(raw["median_s"]), (at, raw["median_s"]), xytext=(0, 3), textcoords="offset points",
+                        ha="center", fontsize=7)  # fmt: skip
         ax.set_xticks(x, [k.replace("W3x", "W3: last of ") for k in keys], fontsize=8)
         ax.set_yscale("log")
         ax.set_title(variant if variant == WARM else f"{variant}: W0-W2")
@@ -751,11 +758,20 @@ def update_readme(results: dict[str, Any]) -> None:
             "",
             raw_line(results),
             "",
+            "Targets (restore speed), from this run:",
+            "",
+            targets_table(results["targets"]),
+            "",
             "Disk-cold (page cache dropped before each timed call):",
             "",
             table(results, DISK_COLD),
             "",
             "![cold boot vs restore, per workload](docs/benchmarks/cold-starts.png)",
+            "",
+            "Each restore technique tried (compressed images, copies in memory, huge pages, lazy pages, parallel "
+            "page loading, prepared shells, restores a few at a time), with its numbers: "
+            "[docs/snapshot-engine.md](docs/snapshot-engine.md#what-was-tried-kept-or-dropped) and "
+            "[docs/benchmarks/restore-techniques.md](docs/benchmarks/restore-techniques.md) (`make bench-techniques`).",
             README_END,
         ]
     )
