@@ -345,26 +345,7 @@ class SnapshotStore:
         m = snapshot.manifest
         if (reason := snapshot.broken_reason()) is not None:
             raise SnapshotCorruptError(f"snapshot is marked broken: {reason}", snapshot_id=snapshot.id)
-        if m.get("format_version") != FORMAT_VERSION:
-            raise SnapshotIncompatibleError(
-                f"format version {m.get('format_version')} is not {FORMAT_VERSION}; make a new snapshot",
-                snapshot_id=snapshot.id,
-            )
-        fp = host.fingerprint()
-        theirs = m.get("cpu", {})
-        mismatches = []
-        if theirs.get("model") != fp.cpu_model or theirs.get("flags_sha256") != fp.cpu_flags_sha256:
-            mismatches.append(f"CPU {theirs.get('model')!r} ({theirs.get('id')}) vs here {fp.cpu_model!r} ({fp.cpu})")
-        if m.get("kernel") != fp.kernel:
-            mismatches.append(f"kernel {m.get('kernel')} vs here {fp.kernel}")
-        if m.get("criu_version") != fp.criu_version:
-            mismatches.append(f"CRIU {m.get('criu_version')} vs here {fp.criu_version}")
-        if mismatches:
-            raise SnapshotIncompatibleError(
-                "made on another host fingerprint (" + "; ".join(mismatches) + "); restore it on a matching "
-                "worker or make a new snapshot here",
-                snapshot_id=snapshot.id,
-            )
+        self.check_fingerprint(snapshot.id, m)
         for name, entry in m["files"].items():
             # A compressed image is checked as stored; its decompressed copy is checked when it is made.
             name = snapshot_files.stored_name(name, entry)
@@ -387,6 +368,47 @@ class SnapshotStore:
                     snapshot_id=snapshot.id,
                 )
             self._verified.add(version)
+
+    @staticmethod
+    def check_fingerprint(snapshot_id: str, m: dict[str, Any]) -> None:
+        """Refuse a manifest of another format, or made on another host fingerprint (CPU, kernel, CRIU)."""
+        if m.get("format_version") != FORMAT_VERSION:
+            raise SnapshotIncompatibleError(
+                f"format version {m.get('format_version')} is not {FORMAT_VERSION}; make a new snapshot",
+                snapshot_id=snapshot_id,
+            )
+        fp = host.fingerprint()
+        theirs = m.get("cpu", {})
+        mismatches = []
+        if theirs.get("model") != fp.cpu_model or theirs.get("flags_sha256") != fp.cpu_flags_sha256:
+            mismatches.append(f"CPU {theirs.get('model')!r} ({theirs.get('id')}) vs here {fp.cpu_model!r} ({fp.cpu})")
+        if m.get("kernel") != fp.kernel:
+            mismatches.append(f"kernel {m.get('kernel')} vs here {fp.kernel}")
+        if m.get("criu_version") != fp.criu_version:
+            mismatches.append(f"CRIU {m.get('criu_version')} vs here {fp.criu_version}")
+        if mismatches:
+            raise SnapshotIncompatibleError(
+                "made on another host fingerprint (" + "; ".join(mismatches) + "); restore it on a matching "
+                "worker or make a new snapshot here",
+                snapshot_id=snapshot_id,
+            )
+
+    def adopt(self, folder: Path, snapshot_id: str) -> Snapshot:
+        """Publish ``folder``, a whole snapshot made elsewhere (images, manifest, writable layer copy: fetched
+        from object storage), as ``snapshot_id``: fsynced, then renamed into place. Already there (a concurrent
+        fetch won): that one."""
+        for path in folder.iterdir():
+            if path.is_file():
+                _fsync_path(path)
+        _fsync_path(folder)
+        try:
+            os.rename(folder, self.root / snapshot_id)
+        except OSError:
+            if not (self.root / snapshot_id / MANIFEST).exists():
+                raise
+        else:
+            _fsync_path(self.root)
+        return self.get(snapshot_id)
 
     def restore(self, snapshot: Snapshot | str, run_dir: Path, *, cgroups: Sequence[Path] = ()) -> containers.Container:
         """Restore a new copy of ``snapshot`` on fresh channels and return it, running.
