@@ -69,7 +69,8 @@ CALL_TIMEOUT_S = 300.0
 
 RESTORED_RE = re.compile(
     r"Restored (?P<label>\S+) from memory snapshot in (?P<total>\d+) ms \(container (?P<container>wc-\w+): "
-    r"checks (?P<checks>\d+) ms, CRIU restore (?P<criu>\d+) ms, @enter\(snap=False\) and runtime (?P<start>\d+) ms\)"
+    r"(?:fetched from object storage \d+ ms, )?checks (?P<checks>\d+) ms, CRIU restore (?P<criu>\d+) ms, "
+    r"@enter\(snap=False\) and runtime (?P<start>\d+) ms\)"
 )
 COLD_RE = re.compile(r"Container (?P<container>wc-\w+) started for (?P<label>\S+) \(cold boot in (?P<boot>[\d.]+) s\)")
 FIRST_RE = re.compile(r"First input on container (?P<container>wc-\w+) took (?P<first>\d+) ms")

@@ -296,6 +296,7 @@ class RunningApp:
                 tag=variant.describe(),
                 reseed=bool(self.record.spec.get("reseed_after_restore", True)),
                 slots=self.server.restore_slots,
+                remote=self.server.remote_snapshots,
             )
         stopped = self.server.gpu_allocator.cancel_event()  # set by the pool's stop(): a start waiting for GPUs ends
         gpu_plan = GpuPlan(self.server.gpu_allocator, str(opts["gpu"]), stopped) if opts["gpu"] else None

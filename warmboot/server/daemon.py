@@ -49,7 +49,7 @@ from warmboot.server.restore_slots import RestoreSlots
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.start_log import StartLog, cold_is_faster
 from warmboot.server.state import AppRecord, State
-from warmboot.worker import cgroups, gpus, runtime_lib
+from warmboot.worker import cgroups, gpus, runtime_lib, snapshot_remote
 from warmboot.worker import container as containers
 from warmboot.worker.sandbox import rootfs
 from warmboot.worker.snapshot import SnapshotStore
@@ -74,6 +74,9 @@ class ControlPlane:
         self.apps: dict[str, RunningApp] = {}
         #: How many restores run at once on this host, for every app's pools (server.restore_slots).
         self.restore_slots = RestoreSlots(restore_slots.max_parallel_from_env())
+        #: Object storage shared with other agents (WARMBOOT_S3_*), or None (worker/snapshot_remote.py).
+        s3 = snapshot_remote.settings_from_env()
+        self.remote_snapshots = snapshot_remote.RemoteSnapshots(snapshot_remote.S3Bucket(s3)) if s3 else None
         self.gpu_allocator = GpuAllocator(gpus.inventory())  #: this host's GPUs, shared by every app's pools
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -23,6 +23,7 @@ from warmboot.server.start_log import StartChoice, StartLog
 from warmboot.worker import gpus as gpu_devices
 from warmboot.worker.runner import FunctionContainer, LaunchPlan, OutputSink
 from warmboot.worker.snapshot import Snapshot
+from warmboot.worker.snapshot_remote import RemoteSnapshots
 
 log = logging.getLogger("warmboot.launcher")
 
@@ -38,6 +39,9 @@ class SnapshotPlan:
     reseed: bool = True
     starts: StartLog | None = None  #: where each start's times go (and what decides restore or cold boot)
     slots: RestoreSlots | None = None  #: the host's limit on restores at once (None: no limit)
+    #: Object storage shared by the agents (``WARMBOOT_S3_*``): snapshots made here are pushed there, and a key
+    #: with no snapshot here is looked up there before booting cold.
+    remote: RemoteSnapshots | None = None
 
 
 @dataclass
@@ -144,17 +148,63 @@ class Launcher:
 
     def _restore(self, plan: LaunchPlan, snap: SnapshotPlan) -> FunctionContainer | None:
         """A container restored from the snapshot, or ``None`` (no usable snapshot, or the restore failed)."""
+        fetch_ms = 0.0
         snapshot = snap.registry.usable(snap.key, on_failure=self._restore_failed)
+        if snapshot is None and snap.remote is not None:
+            fetching = time.monotonic()
+            snapshot = self._fetch(snap, snap.remote)
+            fetch_ms = (time.monotonic() - fetching) * 1000
         if snapshot is None:
             return None
         if snap.slots is None:
-            return self._restore_now(plan, snap, snapshot)
+            return self._restore_now(plan, snap, snapshot, fetch_ms)
         with snap.slots.slot(self.still_needed):  # raises StartNotNeeded for the pool when it waited in vain
-            return self._restore_now(plan, snap, snapshot)
+            return self._restore_now(plan, snap, snapshot, fetch_ms)
 
-    def _restore_now(self, plan: LaunchPlan, snap: SnapshotPlan, snapshot: Snapshot) -> FunctionContainer | None:
-        fc = FunctionContainer(plan, self._on_output)
+    def _fetch(self, snap: SnapshotPlan, remote: RemoteSnapshots) -> Snapshot | None:
+        """The key's snapshot from object storage, made by another agent, or None (booting cold makes one)."""
+        record = snap.registry.get(snap.key)
+        if record is not None and record.state in ("ok", "creating", "refused"):
+            return None  # ours is backed off or being made, or this function cannot be snapshotted
+        try:
+            snapshot_id = remote.find_key(snap.key)
+            if snapshot_id is None:
+                return None
+            started = time.monotonic()
+            snapshot = remote.fetch(snapshot_id, snap.registry.store)
+        except (SnapshotError, OSError) as exc:
+            self._event(f"Fetching the memory snapshot of {self.label} from object storage failed, booting cold: {exc}")
+            return None
+        snap.registry.fetched(snap.key, snap.app_name, snap.tag, snapshot)
+        self._event(
+            f"Fetched memory snapshot {snapshot.id} of {self.label} from object storage in "
+            f"{(time.monotonic() - started) * 1000:.0f} ms ({snapshot.size_bytes / 1e6:.0f} MB)"
+        )
+        return snapshot
+
+    def _push(self, snap: SnapshotPlan, remote: RemoteSnapshots, snapshot: Snapshot) -> None:
+        """Upload a snapshot made here for the other agents (on a thread of its own: no call waits for it)."""
         started = time.monotonic()
+        try:
+            pushed = remote.push(snapshot)
+            remote.publish_key(snap.key, snapshot.id)
+        except Exception as exc:
+            log.warning("pushing snapshot %s of %s failed", snapshot.id, self.label, exc_info=True)
+            self._event(f"Pushing memory snapshot {snapshot.id} of {self.label} to object storage failed: {exc}")
+            return
+        chunks = sum(len(f["chunks"]) for f in pushed["files"].values())
+        self._event(
+            f"Pushed memory snapshot {snapshot.id} of {self.label} to object storage in "
+            f"{time.monotonic() - started:.2f} s ({chunks} chunks)"
+        )
+
+    def _restore_now(
+        self, plan: LaunchPlan, snap: SnapshotPlan, snapshot: Snapshot, fetch_ms: float
+    ) -> FunctionContainer | None:
+        fc = FunctionContainer(plan, self._on_output)
+        if fetch_ms:
+            fc.timings["fetch_ms"] = fetch_ms
+        started = time.monotonic() - fetch_ms / 1000  # the start began with the fetch
         try:
             fc.restore(snap.registry.store, snapshot)
             fc.start(self._start_env(), reseed=snap.reseed)
@@ -171,7 +221,9 @@ class Launcher:
         if snap.starts is not None:
             fc.start_row = snap.starts.record(snap.key, "restore", fc.id, millis, dict(t))
         self._event(
-            f"Restored {self.label} from memory snapshot in {millis:.0f} ms (container {fc.id}: checks "
+            f"Restored {self.label} from memory snapshot in {millis:.0f} ms (container {fc.id}: "
+            + (f"fetched from object storage {fetch_ms:.0f} ms, " if fetch_ms else "")
+            + "checks "
             f"{t.get('check_ms', 0):.0f} ms, CRIU restore {t.get('criu_restore_ms', 0):.0f} ms, "
             f"@enter(snap=False) and runtime {t.get('start_ms', 0):.0f} ms)"
         )
@@ -224,5 +276,7 @@ class Launcher:
             raise
         seconds = time.monotonic() - started
         snap.registry.created(snap.key, snapshot, seconds)
+        if snap.remote is not None:
+            threading.Thread(target=self._push, args=(snap, snap.remote, snapshot), name="push", daemon=True).start()
         self._event(f"Snapshot created in {seconds:.2f} s ({snapshot.size_bytes / 1e6:.0f} MB) for {self.label}")
         return True

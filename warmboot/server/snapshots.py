@@ -198,6 +198,15 @@ class SnapshotRegistry:
             key,
         )
 
+    def fetched(self, key: str, app_name: str, tag: str, snap: Snapshot) -> None:
+        """``snap``, made by another agent and fetched from object storage, now serves ``key`` here."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO snapshots (key, app_name, tag, state) VALUES (?, ?, ?, 'ok') ON CONFLICT(key) DO NOTHING",
+                (key, app_name, tag),
+            )
+        self.created(key, snap, 0.0)
+
     def not_created(self, key: str, state: str, reason: str) -> None:
         """Creation will not happen for this version: ``refused`` (open connection) or ``failed``."""
         self._exec("UPDATE snapshots SET state = ?, reason = ?, retry_at = NULL WHERE key = ?", state, reason, key)

@@ -193,7 +193,9 @@ class FunctionContainer:
         self._groups = cgroups.create(self.id, self.plan.limits)
         self.timings["cgroup_ms"] = (time.monotonic() - creating) * 1000
         # Born in its groups: its memory is charged there (a later move would leave it charged to the server).
-        self.container = store.restore(snapshot, self.run_dir, cgroups=self._groups.paths)
+        self.container = store.restore(
+            snapshot, self.run_dir, cgroups=self._groups.paths, layers=self.plan.layers, mounts=self.plan.mounts
+        )
         self.restored_from = snapshot.id
         self.timings.update(self.container.timings)
         if snapshot.manifest.get("metadata", {}).get("gpu_snapshot"):

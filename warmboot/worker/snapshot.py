@@ -117,6 +117,26 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _site(
+    snapshot: Snapshot, layers: Sequence[Path] | None, mounts: Sequence[containers.BindMount] | None
+) -> tuple[list[Path], dict[str, dict[str, str]]]:
+    """The image layers and external mounts (CRIU key -> target, source) a restore uses on this host."""
+    made_with = [Path(p) for p in snapshot.manifest.get("layers", [])]
+    external = {k: dict(v) for k, v in snapshot.manifest.get("external_mounts", {}).items()}
+    if layers is not None:
+        if len(layers) != len(made_with):
+            raise SnapshotIncompatibleError(
+                f"its image has {len(layers)} layers here, {len(made_with)} when it was made; make a new snapshot",
+                snapshot_id=snapshot.id,
+            )
+        made_with = list(layers)
+    for mount in mounts or ():
+        for entry in external.values():
+            if entry["target"] == mount.target:
+                entry["source"] = mount.source
+    return made_with, external
+
+
 def _tree_bytes(path: Path) -> int:
     """Bytes of the files directly in ``path``."""
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
@@ -410,11 +430,23 @@ class SnapshotStore:
             _fsync_path(self.root)
         return self.get(snapshot_id)
 
-    def restore(self, snapshot: Snapshot | str, run_dir: Path, *, cgroups: Sequence[Path] = ()) -> containers.Container:
+    def restore(
+        self,
+        snapshot: Snapshot | str,
+        run_dir: Path,
+        *,
+        cgroups: Sequence[Path] = (),
+        layers: Sequence[Path] | None = None,
+        mounts: Sequence[containers.BindMount] | None = None,
+    ) -> containers.Container:
         """Restore a new copy of ``snapshot`` on fresh channels and return it, running.
 
         ``run_dir`` becomes the copy's run directory: a writable layer seeded from the snapshot's, on the
         snapshot's image layers. The copy's processes are born in ``cgroups`` (CRIU runs in them).
+
+        ``layers`` and ``mounts``: where this host keeps the image layers and the volumes the snapshot was made
+        with, for a snapshot made on another host or under another home (fetched from object storage); the
+        same content, since the snapshot's key covers it. By default, the paths it was made with.
 
         Raises :class:`SnapshotIncompatibleError` or :class:`SnapshotCorruptError` before CRIU runs, and
         :class:`SnapshotFileChangedError` or :class:`RestoreError` (with CRIU's error lines) when CRIU fails.
@@ -432,7 +464,7 @@ class SnapshotStore:
             raise
         with self._images(snapshot) as images:
             unpacked = time.monotonic()
-            copy = self._restore_from(snapshot, images, run_dir, cgroups)
+            copy = self._restore_from(snapshot, images, run_dir, cgroups, _site(snapshot, layers, mounts))
         copy.timings = {
             "check_ms": (checked - started) * 1000,
             "unpack_ms": (unpacked - checked) * 1000,
@@ -456,13 +488,17 @@ class SnapshotStore:
             yield images
 
     def _restore_from(
-        self, snapshot: Snapshot, images: Path, run_dir: Path, cgroups: Sequence[Path]
+        self,
+        snapshot: Snapshot,
+        images: Path,
+        run_dir: Path,
+        cgroups: Sequence[Path],
+        site: tuple[list[Path], dict[str, dict[str, str]]],
     ) -> containers.Container:
         started = time.monotonic()
         containers.ensure_subreaper()
         self._logs.mkdir(parents=True, exist_ok=True)  # the store's root may have been cleaned out by hand
-        layers = [Path(p) for p in snapshot.manifest.get("layers", [])]
-        external = snapshot.manifest.get("external_mounts", {})
+        layers, external = site
         rootfs.prepare(run_dir)
         rootfs.seed_upper(snapshot.path / UPPER_COPY, run_dir)
         root = rootfs.mount_root(layers, run_dir)

@@ -6,7 +6,10 @@ Layout in the bucket (under an optional prefix):
   its bytes. Content addressing makes a push idempotent and lets snapshots that share bytes share chunks.
 - ``snapshots/<id>.json``: the snapshot's manifest as the store wrote it, plus each file's size and chunks in
   order, and its writable layer as a tar (with xattrs: overlayfs keeps whiteouts and opaque marks there).
-  Written last, so a snapshot is visible only once every chunk is there.
+  Written after every chunk, so a snapshot is visible only once it is whole.
+- ``keys/<snapshot key>.json``: which snapshot serves a snapshot key (``server/snapshots.py``), written last. The
+  key covers the code, the image, the configuration and the host fingerprint, so an agent that computes the same
+  key can restore that snapshot, and one of another fingerprint class never finds it.
 
 A fetch refuses a snapshot made on another host fingerprint before it downloads anything, downloads the chunks
 in parallel into a temporary folder of the local store, checks every chunk against its name, and publishes the
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from warmboot.errors import SnapshotCorruptError, SnapshotError, SnapshotNotFoundError
+from warmboot.errors import InvalidOptionError, SnapshotCorruptError, SnapshotError, SnapshotNotFoundError
 from warmboot.worker import snapshot_files
 from warmboot.worker.snapshot import MANIFEST, UPPER_COPY, Snapshot, SnapshotStore
 
@@ -64,6 +67,33 @@ class S3Settings:
     bucket: str
     prefix: str = ""
     secure: bool = True  #: https; False only for a store on loopback or in a private network
+
+
+def settings_from_env() -> S3Settings | None:
+    """Object storage for snapshots, from ``WARMBOOT_S3_*`` (None when ``WARMBOOT_S3_ENDPOINT`` is unset).
+
+    ``WARMBOOT_S3_ENDPOINT`` is ``https://host:port`` (or ``http://`` for a store on loopback or a private
+    network; a bare ``host:port`` means https), ``WARMBOOT_S3_BUCKET`` (default ``warmboot``),
+    ``WARMBOOT_S3_PREFIX``, ``WARMBOOT_S3_ACCESS_KEY`` and ``WARMBOOT_S3_SECRET_KEY`` or, better,
+    ``WARMBOOT_S3_SECRET_KEY_FILE`` (a file holding it: a Kubernetes secret mounted as a file).
+    """
+    endpoint = os.environ.get("WARMBOOT_S3_ENDPOINT", "").strip()
+    if not endpoint:
+        return None
+    secure = not endpoint.startswith("http://")
+    endpoint = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
+    access = os.environ.get("WARMBOOT_S3_ACCESS_KEY", "").strip()
+    secret = os.environ.get("WARMBOOT_S3_SECRET_KEY", "")
+    if path := os.environ.get("WARMBOOT_S3_SECRET_KEY_FILE"):
+        try:
+            secret = Path(path).read_text().strip()
+        except OSError as exc:
+            raise InvalidOptionError(f"WARMBOOT_S3_SECRET_KEY_FILE={path!r} cannot be read ({exc})") from exc
+    if not access or not secret:
+        missing = "WARMBOOT_S3_ACCESS_KEY" if not access else "WARMBOOT_S3_SECRET_KEY (or WARMBOOT_S3_SECRET_KEY_FILE)"
+        raise InvalidOptionError(f"WARMBOOT_S3_ENDPOINT is set but {missing} is not: set both credentials")
+    bucket = os.environ.get("WARMBOOT_S3_BUCKET", "warmboot").strip()
+    return S3Settings(endpoint, access, secret, bucket, os.environ.get("WARMBOOT_S3_PREFIX", ""), secure)
 
 
 class S3Bucket:
@@ -113,6 +143,10 @@ class S3Bucket:
             response.release_conn()
 
 
+def _pointer_key(key: str) -> str:
+    return f"keys/{key}.json"
+
+
 def _manifest_key(snapshot_id: str) -> str:
     return f"snapshots/{snapshot_id}.json"
 
@@ -152,6 +186,19 @@ class RemoteSnapshots:
         if not self.objects.exists(_chunk_key(digest)):
             self.objects.put(_chunk_key(digest), data)
         return digest
+
+    def publish_key(self, key: str, snapshot_id: str) -> None:
+        """Make ``snapshot_id`` (pushed) the snapshot that serves ``key`` for every agent."""
+        self.objects.put(_pointer_key(key), json.dumps({"snapshot_id": snapshot_id}).encode())
+
+    def find_key(self, key: str) -> str | None:
+        """The snapshot that serves ``key`` in object storage, or None."""
+        try:
+            return str(json.loads(self.objects.get(_pointer_key(key)))["snapshot_id"])
+        except KeyError:
+            return None
+        except (ValueError, TypeError) as exc:
+            raise SnapshotCorruptError(f"the pointer of key {key} in object storage is unreadable ({exc})") from exc
 
     # ----- fetch ------------------------------------------------------------------------------------------
 
