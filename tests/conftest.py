@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,22 @@ from warmboot.worker.images import build_image
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
 CHILDREN = Path(__file__).parent / "children"
+
+
+#: The tests' own memory copies of snapshots (worker/snapshot_files.py): apart from a server's on this host (whose
+#: copies the tests' eviction would otherwise push out), small, and unmounted when the session ends.
+TEST_SNAPSHOT_CACHE = Path("/dev/shm/warmboot-test-snapshot-cache")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _test_snapshot_cache() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WARMBOOT_SNAPSHOT_CACHE_DIR", str(TEST_SNAPSHOT_CACHE))
+        mp.setenv("WARMBOOT_SNAPSHOT_CACHE_MB", "1024")
+        yield
+    if os.path.ismount(TEST_SNAPSHOT_CACHE):
+        subprocess.run(["umount", "--lazy", str(TEST_SNAPSHOT_CACHE)], check=False)
+    shutil.rmtree(TEST_SNAPSHOT_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)
