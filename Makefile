@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-engine test lint bench bench-engine bench-sandbox bench-techniques soak doctor
+.PHONY: setup demo demo-engine test lint bench bench-engine bench-sandbox bench-techniques bench-remote soak doctor
 
 setup:
 	@bash scripts/setup.sh
@@ -31,6 +31,9 @@ bench-engine: setup
 
 bench-techniques: setup
 	@$(PY) bench/restore_techniques.py
+
+bench-remote: setup
+	@$(PY) bench/remote_restore.py
 
 bench-sandbox: setup
 	@$(PY) bench/sandbox_choice.py

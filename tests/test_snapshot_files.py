@@ -134,6 +134,18 @@ def test_a_copy_of_an_older_snapshot_of_the_same_id_is_not_used(tmp_path: Path) 
         assert (images / "core-1.img").read_bytes() == b"core"
 
 
+def test_a_leftover_folder_in_the_copys_place_is_replaced(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    folder, manifest = _fake_snapshot(store, "a")
+    cache = MemoryCache(store, root=tmp_path / "cache", budget=10 * MB)
+    leftover = cache.dir / "a"
+    leftover.mkdir(parents=True)
+    (leftover / "pages-1.img").write_bytes(b"half")  # no .complete: an eviction cut short, say
+    with cache.images("a", folder, manifest) as images:
+        assert images == leftover
+        assert (images / "pages-1.img").stat().st_size == manifest["files"]["pages-1.img"]["size"]
+
+
 def test_copies_of_stores_that_are_gone_are_swept(tmp_path: Path) -> None:
     gone = tmp_path / "gone-store"
     folder, manifest = _fake_snapshot(gone, "a")

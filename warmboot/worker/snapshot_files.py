@@ -190,7 +190,13 @@ class MemoryCache:
                 try:
                     self._fill(staging, snapshot_id, snapshot_dir, manifest)
                     target = entry if keep else self.dir / f"{_TMP}once-{staging.name[len(_TMP) :]}"
-                    os.rename(staging, target)
+                    if target == entry and entry.exists():
+                        self._evict(entry)  # an unusable leftover (half evicted, or of an older snapshot)
+                    try:
+                        os.rename(staging, target)
+                    except OSError:  # still there (in use by another process): use this copy once
+                        target = self.dir / f"{_TMP}once-{staging.name[len(_TMP) :]}"
+                        os.rename(staging, target)
                 except BaseException:
                     shutil.rmtree(staging, ignore_errors=True)
                     raise
