@@ -119,7 +119,7 @@ def test_restores_record_their_phases_and_snapshot_list_shows_percentiles(platfo
     assert [s["kind"] for s in starts] == ["cold", "restore", "restore", "restore"]
     start_parts = {"network_ms", "resume_ms", "enter_ms"}
     assert set(starts[0]["phases"]) == {"boot_ms", "start_ms", "first_input_ms"} | start_parts
-    restore_phases = {"cgroup_ms", "check_ms", "unpack_ms", "mounts_ms", "criu_restore_ms", "start_ms"}
+    restore_phases = {"cgroup_ms", "check_ms", "unpack_ms", "mounts_ms", "criu_restore_ms", "pages_ms", "start_ms"}
     for start in starts:
         phases = start["phases"]
         assert phases["enter_ms"] >= 50, phases
@@ -127,6 +127,7 @@ def test_restores_record_their_phases_and_snapshot_list_shows_percentiles(platfo
     for restore in starts[1:]:
         assert restore_phases | start_parts | {"first_input_ms"} <= set(restore["phases"])
         assert restore["total_ms"] >= restore["phases"]["criu_restore_ms"] > 0
+        assert 0 < restore["phases"]["pages_ms"] <= restore["phases"]["criu_restore_ms"], restore["phases"]
     record = got["record"]
     restore_ms = sorted(s["total_ms"] for s in starts[1:])
     assert record["restore_p50_ms"] == pytest.approx(restore_ms[1], abs=0.1)
