@@ -34,6 +34,17 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   fi
 fi
 
+# PostgreSQL's server, for the state tests that run on it (each starts a private cluster on a Unix socket:
+# warmboot/devservices/postgres.py). Debian's package would also create and start a cluster of its own on
+# localhost:5432; the createcluster setting stops that before it is installed (and only then).
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  echo "[setup] installing postgresql from apt (no cluster is created or started)" >&2
+  mkdir -p /etc/postgresql-common
+  [ -e /etc/postgresql-common/createcluster.conf ] || echo "create_main_cluster = false" > /etc/postgresql-common/createcluster.conf
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+fi
+
 bash scripts/install-criu.sh
 bash scripts/build-init.sh  # the static PID 1 of function containers (warmboot/worker/sandbox/init.c)
 

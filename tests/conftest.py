@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from db_helpers import open_db, postgres_cluster  # noqa: F401 - state tests on SQLite and PostgreSQL
 from platform_helpers import Platform
 from registry_helpers import registry, registry_base_image  # noqa: F401 - session fixtures, one registry
 

@@ -7,8 +7,8 @@ it takes before a request reaches any pool.
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -16,6 +16,7 @@ import pytest
 
 from warmboot.errors import InvalidOptionError
 from warmboot.sdk.web import default_label
+from warmboot.server.db import Database
 from warmboot.server.gateway import routes
 from warmboot.server.gateway.asgi import Gateway
 from warmboot.server.gateway.serve import is_loopback
@@ -33,8 +34,8 @@ def _app(name: str, spec: dict[str, Any], *, state: str = "deployed", version: i
 
 
 @pytest.fixture
-def tokens() -> ProxyTokens:
-    return ProxyTokens(sqlite3.connect(":memory:", check_same_thread=False), threading.Lock())
+def tokens(open_db: Callable[[], Database]) -> ProxyTokens:
+    return ProxyTokens(open_db(), threading.Lock())
 
 
 def _request(gateway: Gateway, path: str, headers: list[tuple[bytes, bytes]] | None = None) -> tuple[int, bytes]:

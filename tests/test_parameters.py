@@ -11,7 +11,6 @@ containers do, and bad parameters or options are refused with errors that name t
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import threading
 import uuid
@@ -29,6 +28,7 @@ from warmboot.server import apps as apps_module
 from warmboot.server import specs
 from warmboot.server.apps import RunningApp, Variant, variant_of, variant_snapshot_key
 from warmboot.server.calls import CallBook
+from warmboot.server.db import Database
 from warmboot.server.state import AppRecord
 
 # ----- fast: the parameter rules ----------------------------------------------------------------------------
@@ -573,7 +573,7 @@ def test_a_recorded_variant_comes_back_to_the_same_pool() -> None:
     variant = app.variant("M", {"size": "x"}, {"timeout": 30})
     assert app.variant_from_json("M", variant.to_json()) == variant
     assert app.variant_from_json("M", None) == app.variant("M", {}), "no record: the default parameter set"
-    book = CallBook(sqlite3.connect(":memory:", check_same_thread=False), threading.Lock())
+    book = CallBook(Database.sqlite(":memory:"), threading.Lock())
     call = book.accept(Target(tag="M", method="m"), "ap-1", b"", detached=True, variant=variant.to_json())
     (queued,), _ = book.recover(ServerRestartedError("restart"))
     assert queued.call_id == call.call_id and app.variant_from_json(queued.tag, queued.variant) == variant

@@ -6,11 +6,9 @@ when a container finishes starting or a call returns, and checks the pool's coun
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 
@@ -25,6 +23,7 @@ from warmboot.errors import (
 from warmboot.protocol import Outcome, Target
 from warmboot.server import restore_slots
 from warmboot.server.calls import Call, CallBook
+from warmboot.server.db import Database
 from warmboot.server.pool import FunctionPool, PoolSettings
 from warmboot.server.restore_slots import RestoreSlots
 
@@ -477,13 +476,14 @@ def test_an_unexpected_worker_error_still_ends_the_call(fleet: Fleet) -> None:
 # ----- the calls book: durable calls --------------------------------------------------------------------------------
 
 
-def _book(path: Path) -> CallBook:
-    db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-    return CallBook(db, threading.Lock())
+def _book(open_db: Callable[[], Database]) -> CallBook:
+    return CallBook(open_db(), threading.Lock())
 
 
-def test_calls_survive_a_restart_running_ones_end_and_queued_ones_come_back(tmp_path: Path) -> None:
-    db = tmp_path / "state.db"
+def test_calls_survive_a_restart_running_ones_end_and_queued_ones_come_back(
+    open_db: Callable[[], Database],
+) -> None:
+    db = open_db
     book = _book(db)
     target = Target(tag="f", app_name="app")
     done = book.accept(target, "ap-1", b"a", detached=True)
@@ -503,8 +503,8 @@ def test_calls_survive_a_restart_running_ones_end_and_queued_ones_come_back(tmp_
     assert fetched.outcome == Outcome(ok=True, value=b"42")
 
 
-def test_delivered_calls_are_forgotten_and_results_expire(tmp_path: Path) -> None:
-    book = _book(tmp_path / "state.db")
+def test_delivered_calls_are_forgotten_and_results_expire(open_db: Callable[[], Database]) -> None:
+    book = _book(open_db)
     target = Target(tag="f", app_name="app")
     sync = book.accept(target, "ap-1", b"a", detached=False)
     sync.finish(Outcome(ok=True, value=b"1"))
@@ -519,8 +519,8 @@ def test_delivered_calls_are_forgotten_and_results_expire(tmp_path: Path) -> Non
         book.get(spawned.call_id)
 
 
-def test_a_call_finishes_once(tmp_path: Path) -> None:
-    book = _book(tmp_path / "state.db")
+def test_a_call_finishes_once(open_db: Callable[[], Database]) -> None:
+    book = _book(open_db)
     call = book.accept(Target(tag="f", app_name="app"), "ap-1", b"a", detached=True)
     heard: list[Outcome | None] = []
     call.when_done(lambda c: heard.append(c.outcome))

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import warmboot as modal
 from warmboot.errors import InvalidOptionError
 from warmboot.server import scheduler as sched
 from warmboot.server import specs
+from warmboot.server.db import Database
 from warmboot.server.state import State
 
 EXAMPLES = Path(__file__).parent.parent / "examples"
@@ -187,12 +189,12 @@ def test_step_runs_a_due_tick_once_and_counts_late_ones_as_missed() -> None:
 class Harness:
     """A scheduler on a fake clock and a real state database, whose calls and app-log lines are recorded."""
 
-    def __init__(self, db: Path, apps: list[sched.ScheduledApp], now: float) -> None:
+    def __init__(self, db: Callable[[], Database], apps: list[sched.ScheduledApp], now: float) -> None:
         self.now = now
         self.apps = apps
         self.calls: list[tuple[str, str, float]] = []
         self.log: list[str] = []
-        self.state = State(db)
+        self.state = State(db())
         self.scheduler = sched.Scheduler(
             self.state, apps=lambda: list(self.apps), submit=self.submit, event=self.event, clock=lambda: self.now
         )
@@ -214,8 +216,8 @@ def period_app(app_id: str = "ap-1", seconds: float = 60) -> sched.ScheduledApp:
     return sched.ScheduledApp(app_id, "reports", {"tick": modal.Period(seconds=seconds).to_spec()})
 
 
-def test_the_scheduler_runs_each_tick_once(tmp_path: Path) -> None:
-    h = Harness(tmp_path / "state.db", [period_app()], now=1000.0)
+def test_the_scheduler_runs_each_tick_once(open_db: Callable[[], Database]) -> None:
+    h = Harness(open_db, [period_app()], now=1000.0)
     assert h.scheduler.describe("ap-1")[0]["next_tick"] == 1060.0
     h.at(1059.0)
     assert h.calls == []
@@ -230,8 +232,8 @@ def test_the_scheduler_runs_each_tick_once(tmp_path: Path) -> None:
     ]
 
 
-def test_missed_ticks_are_logged_not_replayed(tmp_path: Path) -> None:
-    h = Harness(tmp_path / "state.db", [period_app()], now=1000.0)
+def test_missed_ticks_are_logged_not_replayed(open_db: Callable[[], Database]) -> None:
+    h = Harness(open_db, [period_app()], now=1000.0)
     h.at(1000.0 + 60 * 10 + 5)  # busy (or down) through ten ticks: one run for now, nine missed
     assert len(h.calls) == 1
     assert "missed 9 ticks from 1970-01-01T00:17:40Z to 1970-01-01T00:25:40Z" in h.log[0], h.log
@@ -242,8 +244,8 @@ def test_missed_ticks_are_logged_not_replayed(tmp_path: Path) -> None:
     assert len(h.calls) == 2
 
 
-def test_a_restart_resumes_the_next_tick_from_the_state(tmp_path: Path) -> None:
-    db = tmp_path / "state.db"
+def test_a_restart_resumes_the_next_tick_from_the_state(open_db: Callable[[], Database]) -> None:
+    db = open_db
     h = Harness(db, [period_app(seconds=3600)], now=1000.0)
     h.at(4600.0)
     assert len(h.calls) == 1
@@ -260,8 +262,8 @@ def test_a_restart_resumes_the_next_tick_from_the_state(tmp_path: Path) -> None:
     assert h3.scheduler.describe("ap-1")[0]["next_tick"] == 15400.0
 
 
-def test_stop_and_redeploy_end_or_restart_a_schedule(tmp_path: Path) -> None:
-    h = Harness(tmp_path / "state.db", [period_app("ap-1")], now=1000.0)
+def test_stop_and_redeploy_end_or_restart_a_schedule(open_db: Callable[[], Database]) -> None:
+    h = Harness(open_db, [period_app("ap-1")], now=1000.0)
     h.apps = [period_app("ap-2")]  # a redeploy: a new version (Modal: a Period starts again from the deploy)
     h.now = 1030.0
     h.scheduler.sync()
@@ -274,8 +276,8 @@ def test_stop_and_redeploy_end_or_restart_a_schedule(tmp_path: Path) -> None:
     assert h.calls == [] and h.state.schedule_rows() == []
 
 
-def test_a_failing_submit_is_logged_and_the_schedule_goes_on(tmp_path: Path) -> None:
-    h = Harness(tmp_path / "state.db", [period_app()], now=1000.0)
+def test_a_failing_submit_is_logged_and_the_schedule_goes_on(open_db: Callable[[], Database]) -> None:
+    h = Harness(open_db, [period_app()], now=1000.0)
 
     def refuse(app: sched.ScheduledApp, tag: str) -> str:
         raise modal.WarmbootError("app reports is not running")

@@ -14,12 +14,11 @@ import importlib
 import json
 import os
 import shutil
-import sqlite3
 import threading
 import time
 import types
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,6 +39,7 @@ from warmboot.errors import (
 )
 from warmboot.server import snapshot_policy as policy
 from warmboot.server import snapshots as registry_module
+from warmboot.server.db import Database
 from warmboot.server.snapshot_policy import Failure
 from warmboot.server.snapshots import SnapshotRegistry
 from warmboot.worker import host
@@ -165,14 +165,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
-    conn = sqlite3.connect(str(tmp_path / "state.db"), check_same_thread=False, isolation_level=None)
-    yield conn
-    conn.close()
+def db(open_db: Callable[[], Database]) -> Database:
+    """The registry's database: SQLite, then PostgreSQL (tests/db_helpers.py)."""
+    return open_db()
 
 
 @pytest.fixture
-def reg(db: sqlite3.Connection, tmp_path: Path, clock: Clock) -> SnapshotRegistry:
+def reg(db: Database, tmp_path: Path, clock: Clock) -> SnapshotRegistry:
     return SnapshotRegistry(db, threading.Lock(), SnapshotStore(tmp_path / "snapshots"))
 
 
@@ -415,7 +414,7 @@ def test_refused_key_is_not_tried_again(reg: SnapshotRegistry, clock: Clock) -> 
 
 
 def test_a_creation_interrupted_by_a_server_restart_is_failed_and_retried(
-    db: sqlite3.Connection, tmp_path: Path, reg: SnapshotRegistry
+    db: Database, tmp_path: Path, reg: SnapshotRegistry
 ) -> None:
     assert reg.claim_creation(KEY, "app", "f")
     after_restart = SnapshotRegistry(db, threading.Lock(), SnapshotStore(tmp_path / "snapshots"))

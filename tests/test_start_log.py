@@ -8,20 +8,21 @@ recorded for real restores.
 from __future__ import annotations
 
 import json
-import sqlite3
 import subprocess
 import threading
 import uuid
+from collections.abc import Callable
 
 import pytest
 from platform_helpers import SNAPSHOT_LIST_COLUMNS, WARMBOOT, Platform
 
+from warmboot.server.db import Database
 from warmboot.server.start_log import KEEP_PER_KEY, StartChoice, StartLog, StartStats, cold_is_faster, stats_of
 
 
 @pytest.fixture
-def log() -> StartLog:
-    return StartLog(sqlite3.connect(":memory:", check_same_thread=False), threading.Lock())
+def log(open_db: Callable[[], Database]) -> StartLog:
+    return StartLog(open_db(), threading.Lock())
 
 
 def test_percentiles_and_phase_medians() -> None:

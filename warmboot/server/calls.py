@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sqlite3
 import threading
 import time
 import uuid
@@ -26,6 +25,7 @@ import msgspec
 
 from warmboot.errors import NotFoundError, WarmbootError
 from warmboot.protocol import Outcome, Target
+from warmboot.server.db import Database
 
 log = logging.getLogger("warmboot.calls")
 
@@ -112,14 +112,14 @@ class Call:
 class CallBook:
     """The calls table and the calls still in memory (not yet done, or done and not yet expired)."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock):
+    def __init__(self, db: Database, lock: threading.Lock):
         self._db = db
         self._db_lock = lock
         self._live: dict[str, Call] = {}
         self._lock = threading.Lock()
         with self._db_lock:
             self._db.executescript(_SCHEMA)
-            if "variant" not in {row[1] for row in self._db.execute("PRAGMA table_info(calls)")}:
+            if "variant" not in self._db.columns("calls"):
                 # Added with modal.parameter()/with_options: which variant's pool a queued call goes back to.
                 self._db.execute("ALTER TABLE calls ADD COLUMN variant TEXT")
 

@@ -39,6 +39,7 @@ from warmboot.server import scheduler as schedules
 from warmboot.server.api import ApiServer
 from warmboot.server.apps import RunningApp, variant_of
 from warmboot.server.calls import Call, CallBook
+from warmboot.server.db import Database
 from warmboot.server.gateway import serve as gateway_server
 from warmboot.server.gateway.asgi import Gateway
 from warmboot.server.gateway.serve import GatewayServer
@@ -65,7 +66,7 @@ class ControlPlane:
         _refuse_second_server(config.server_socket())  # before the clean-up below touches its containers
         self.home.mkdir(parents=True, exist_ok=True)
         os.chmod(self.home, 0o700)
-        self.state = State(self.home / "state.db")
+        self.state = State(Database.from_env(self.home))
         self.logs = LogBook(self.home / "logs")
         store = SnapshotStore(self.home / "snapshots")
         self.snapshots = SnapshotRegistry(self.state.connection, self.state.lock, store)

@@ -22,7 +22,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -32,6 +31,7 @@ from typing import Any
 
 from warmboot.errors import SnapshotError, SnapshotNotFoundError
 from warmboot.server import snapshot_policy as policy
+from warmboot.server.db import Database
 from warmboot.worker import cuda_checkpoint, gpus, host
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
@@ -114,13 +114,13 @@ class SnapshotRecord:
 class SnapshotRegistry:
     """The snapshots table plus the store holding the images, with the policy above."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock, store: SnapshotStore):
+    def __init__(self, db: Database, lock: threading.Lock, store: SnapshotStore):
         self._db = db
         self._lock = lock
         self.store = store
         with self._lock:
             self._db.executescript(_SCHEMA)
-            have = {row[1] for row in self._db.execute("PRAGMA table_info(snapshots)")}
+            have = self._db.columns("snapshots")
             for column, definition in _ADDED_COLUMNS.items():
                 if column not in have:
                     self._db.execute(f"ALTER TABLE snapshots ADD COLUMN {column} {definition}")

@@ -11,12 +11,13 @@ decides from here whether restoring still wins for a function.
 from __future__ import annotations
 
 import json
-import sqlite3
 import statistics
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from warmboot.server.db import Database
 
 #: Rows kept per snapshot key (older ones are dropped): enough for stable percentiles, bounded in size.
 KEEP_PER_KEY = 200
@@ -67,7 +68,7 @@ def stats_of(rows: list[tuple[float, dict[str, float]]]) -> StartStats:
 class StartLog:
     """The starts table (one connection and lock shared with the rest of the server's state)."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.Lock):
+    def __init__(self, db: Database, lock: threading.Lock):
         self._db = db
         self._lock = lock
         with self._lock:
@@ -77,9 +78,10 @@ class StartLog:
         """One start; returns its row id (for :meth:`first_input`)."""
         with self._lock, self._db:
             row = self._db.execute(
-                "INSERT INTO starts (key, kind, container_id, at, total_ms, phases) VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT INTO starts (key, kind, container_id, at, total_ms, phases) VALUES (?, ?, ?, ?, ?, ?) "
+                "RETURNING id",
                 (key, kind, container_id, time.time(), round(total_ms, 2), json.dumps(_rounded(phases))),
-            ).lastrowid
+            ).fetchone()[0]
             self._db.execute(
                 "DELETE FROM starts WHERE key = ? AND kind = ? AND id <= ?",
                 (key, kind, int(row or 0) - KEEP_PER_KEY),

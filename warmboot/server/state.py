@@ -1,18 +1,17 @@
-"""Durable state of the local server: apps (deployed, ephemeral, stopped) and named secrets, in SQLite."""
+"""Durable state of the server: apps (deployed, ephemeral, stopped), named secrets and schedules (server/db.py:
+SQLite by default, PostgreSQL when configured)."""
 
 from __future__ import annotations
 
 import json
-import os
-import sqlite3
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from warmboot.errors import NotFoundError
+from warmboot.server.db import Database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS apps (
@@ -70,18 +69,15 @@ class ScheduleRow:
 
 
 class State:
-    """The server's SQLite database (one connection, serialised by a lock; the server is one process)."""
+    """The server's database (one connection, serialised by a lock; the server is one process)."""
 
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        os.chmod(path, 0o600)  # secrets live here
-        self._db.execute("PRAGMA journal_mode=WAL")
+    def __init__(self, db: Database):
+        self._db = db
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
 
     @property
-    def connection(self) -> sqlite3.Connection:
+    def connection(self) -> Database:
         """The shared connection, for other tables of the server (use it under :attr:`lock`)."""
         return self._db
 
@@ -176,7 +172,9 @@ class State:
     def put_schedule(self, row: ScheduleRow) -> None:
         """Record a schedule's state (one transaction)."""
         self._rows(
-            f"INSERT OR REPLACE INTO schedules ({self._SCHEDULE_COLS}) VALUES (?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO schedules ({self._SCHEDULE_COLS}) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (app_id, tag) "
+            "DO UPDATE SET anchor = excluded.anchor, next_tick = excluded.next_tick, last_tick = excluded.last_tick, "
+            "last_call_id = excluded.last_call_id",
             row.app_id,
             row.tag,
             row.anchor,

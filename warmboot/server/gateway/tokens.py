@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import sqlite3
 import threading
 import time
 from typing import Any
 
 from warmboot.errors import NotFoundError
+from warmboot.server.db import Database
 
 KEY_HEADER = b"modal-key"
 SECRET_HEADER = b"modal-secret"
@@ -36,10 +36,10 @@ def _digest(secret: str) -> str:
 class ProxyTokens:
     """The tokens table; :meth:`verify` is called once per request to a protected endpoint."""
 
-    def __init__(self, connection: sqlite3.Connection, lock: threading.Lock):
+    def __init__(self, connection: Database, lock: threading.Lock):
         self._db = connection
         self._lock = lock
-        with self._lock, self._db:
+        with self._lock:
             self._db.executescript(_SCHEMA)
         self._cache: dict[str, str] = {}
         self._load()
