@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 import minio
@@ -112,3 +113,11 @@ def test_a_snapshot_not_in_the_bucket_and_wrong_credentials_are_clear_errors(
     wrong = S3Settings(bucket.endpoint, bucket.access_key, "wrong-secret", bucket.bucket, secure=False)
     with pytest.raises(SnapshotError, match=r"refused bucket .*access key"):
         S3Bucket(wrong)
+
+
+def test_a_store_that_cannot_be_reached_is_a_snapshot_error_not_a_hang(bucket: S3Settings) -> None:
+    with socket.socket() as s:  # a loopback port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(SnapshotError, match="cannot be reached"):
+        S3Bucket(S3Settings(f"127.0.0.1:{port}", bucket.access_key, bucket.secret_key, bucket.bucket, secure=False))

@@ -42,6 +42,8 @@ from warmboot.worker.snapshot import MANIFEST, UPPER_COPY, Snapshot, SnapshotSto
 CHUNK_BYTES = 8 << 20
 #: Chunks moved at once each way.
 PARALLEL = 8
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 30.0  #: per read of a response (an 8 MiB chunk arrives well within it on any working link)
 _UPPER_TAR = "rootfs-upper.tar"
 
 
@@ -101,43 +103,74 @@ class S3Bucket:
 
     def __init__(self, settings: S3Settings):
         import minio  # the server side only: never imported in a container
+        import urllib3
 
         self._errors = minio.error.S3Error
-        self._client = minio.Minio(
-            settings.endpoint, access_key=settings.access_key, secret_key=settings.secret_key, secure=settings.secure
+        # MinIO's client waits up to 5 minutes per request by default: a store that stops answering would hold a
+        # container start (and its call) that long. Short deadlines, a few retries, a connection per parallel chunk.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            maxsize=PARALLEL,
+            cert_reqs="CERT_REQUIRED" if settings.secure else "CERT_NONE",
         )
+        self._client = minio.Minio(
+            settings.endpoint,
+            access_key=settings.access_key,
+            secret_key=settings.secret_key,
+            secure=settings.secure,
+            http_client=http,
+        )
+        self._transport_errors = (urllib3.exceptions.HTTPError, minio.error.MinioException)
+        self._endpoint = settings.endpoint
         self._bucket = settings.bucket
         self._prefix = settings.prefix.strip("/") + "/" if settings.prefix.strip("/") else ""
         try:
-            if not self._client.bucket_exists(self._bucket):
-                self._client.make_bucket(self._bucket)
+            with self._unreachable_as_snapshot_error():
+                if not self._client.bucket_exists(self._bucket):
+                    self._client.make_bucket(self._bucket)
         except self._errors as exc:
             raise SnapshotError(
                 f"object storage {settings.endpoint} refused bucket {self._bucket!r} ({exc.code}: {exc.message}); "
                 "check the endpoint, the access key and its secret"
             ) from exc
 
+    @contextlib.contextmanager
+    def _unreachable_as_snapshot_error(self) -> Iterator[None]:
+        """A store that cannot be reached (refused, timed out, a broken response) is a :class:`SnapshotError`,
+        which callers handle: a fetch that fails boots cold, a push that fails is logged."""
+        try:
+            yield
+        except self._errors:
+            raise
+        except self._transport_errors as exc:
+            raise SnapshotError(f"object storage {self._endpoint} cannot be reached: {exc}") from exc
+
     def exists(self, key: str) -> bool:
         try:
-            self._client.stat_object(self._bucket, self._prefix + key)
+            with self._unreachable_as_snapshot_error():
+                self._client.stat_object(self._bucket, self._prefix + key)
         except self._errors as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 return False
-            raise
+            raise SnapshotError(f"object storage {self._endpoint} refused {key} ({exc.code}: {exc.message})") from exc
         return True
 
     def put(self, key: str, data: bytes) -> None:
-        self._client.put_object(self._bucket, self._prefix + key, io.BytesIO(data), len(data))
+        with self._unreachable_as_snapshot_error():
+            self._client.put_object(self._bucket, self._prefix + key, io.BytesIO(data), len(data))
 
     def get(self, key: str) -> bytes:
         try:
-            response = self._client.get_object(self._bucket, self._prefix + key)
+            with self._unreachable_as_snapshot_error():
+                response = self._client.get_object(self._bucket, self._prefix + key)
         except self._errors as exc:
             if exc.code in ("NoSuchKey", "NoSuchObject"):
                 raise KeyError(key) from None
-            raise
+            raise SnapshotError(f"object storage {self._endpoint} refused {key} ({exc.code}: {exc.message})") from exc
         try:
-            return response.read()
+            with self._unreachable_as_snapshot_error():
+                return response.read()
         finally:
             response.close()
             response.release_conn()
