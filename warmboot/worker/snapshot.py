@@ -148,11 +148,6 @@ def _cpu_ms(pids: list[int]) -> float:
     return total / 1e6
 
 
-def _tree_bytes(path: Path) -> int:
-    """Bytes of the files directly in ``path``."""
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
-
-
 def _rss_bytes(pids: list[int]) -> int:
     """Resident memory of these processes together (anonymous and file pages they have mapped)."""
     total = 0
@@ -163,16 +158,6 @@ def _rss_bytes(pids: list[int]) -> int:
                     total += int(line.split()[1]) * 1024
                     break
     return total
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SnapshotStore:
@@ -239,7 +224,7 @@ class SnapshotStore:
         """Delete temporary directories left by checkpoints whose process died (crash, kill, power loss)."""
         for entry in self.root.glob(f"{_TMP_PREFIX}*"):
             owner = entry.name.rsplit("-", 2)[-2] if entry.name.count("-") >= 3 else ""
-            if not owner.isdigit() or not _pid_alive(int(owner)):
+            if not owner.isdigit() or not snapshot_files.pid_alive(int(owner)):
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ----- checkpoint --------------------------------------------------------------------------------
@@ -295,7 +280,7 @@ class SnapshotStore:
                 if leave_running:
                     target.resume()
             # The pages pass through memory once more as they are packed: the copy restores read is made then.
-            staging = self.cache.staging_for(snapshot_id, _tree_bytes(tmp))
+            staging = self.cache.staging_for(snapshot_id, snapshot_files.tree_bytes(tmp))
             manifest = self._write_manifest(tmp, target, snapshot_id, dump_s, metadata or {}, external, staging, rss)
             os.rename(tmp, final)
             _fsync_path(self.root)

@@ -303,7 +303,7 @@ class MemoryCache:
                 if entry.name.startswith(".") or entry == exclude:
                     continue
                 with contextlib.suppress(OSError):
-                    entries.append(((entry / _COMPLETE).stat().st_mtime, entry, _tree_bytes(entry)))
+                    entries.append(((entry / _COMPLETE).stat().st_mtime, entry, tree_bytes(entry)))
         used = sum(size for _, _, size in entries)
         for _, entry, size in sorted(entries, key=lambda e: e[0]):
             if used + wanted <= self.budget:
@@ -342,7 +342,7 @@ class MemoryCache:
                 continue
             for entry in store_dir.glob(f"{_TMP}*"):
                 owner_pid = entry.name.split("-")[-2]  # .tmp-[once-]ID-PID-RAND
-                if not owner_pid.isdigit() or not _pid_alive(int(owner_pid)):
+                if not owner_pid.isdigit() or not pid_alive(int(owner_pid)):
                     shutil.rmtree(entry, ignore_errors=True)
 
 
@@ -372,11 +372,13 @@ def manifest_bytes(manifest: dict[str, Any]) -> int:
     return sum(int(f["size"]) for f in manifest["files"].values())
 
 
-def _tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path) -> int:
+    """Bytes of the files directly in ``path``."""
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (the owner of a temporary folder, named after it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
