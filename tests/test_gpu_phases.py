@@ -79,6 +79,7 @@ def test_cpu_snapshot_of_a_gpu_function_hides_the_gpu_until_after_the_snapshot(g
     assert restored["id"] != cold["id"]
     assert f"(container {restored['id']}" in gpu_platform.log_text(app), "the second container must be a restore"
     assert (restored["snap"], restored["start"], restored["call"]) == (hidden, visible, visible)
+    gpu_platform.cli("app", "stop", app)  # its container holds the one fake GPU until it idles out otherwise
 
 
 def test_gpu_function_without_snapshots_sees_its_gpu_throughout(gpu_platform: Platform) -> None:
