@@ -27,19 +27,30 @@ CHILDREN = Path(__file__).parent / "children"
 
 
 #: The tests' own memory copies of snapshots (worker/snapshot_files.py): apart from a server's on this host (whose
-#: copies the tests' eviction would otherwise push out), small, and unmounted when the session ends.
-TEST_SNAPSHOT_CACHE = Path("/dev/shm/warmboot-test-snapshot-cache")
+#: copies the tests' eviction would otherwise push out) and from another test session's, small, and unmounted when
+#: the session ends (or by the next session, if this one was killed).
+TEST_SNAPSHOT_CACHES = Path("/dev/shm")
+_CACHE_PREFIX = "warmboot-test-snapshot-cache-"
+
+
+def _remove_cache(path: Path) -> None:
+    if os.path.ismount(path):
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True, scope="session")
 def _test_snapshot_cache() -> Iterator[None]:
+    for old in TEST_SNAPSHOT_CACHES.glob(f"{_CACHE_PREFIX}*"):
+        owner = old.name.removeprefix(_CACHE_PREFIX)
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            _remove_cache(old)
+    mine = TEST_SNAPSHOT_CACHES / f"{_CACHE_PREFIX}{os.getpid()}"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("WARMBOOT_SNAPSHOT_CACHE_DIR", str(TEST_SNAPSHOT_CACHE))
+        mp.setenv("WARMBOOT_SNAPSHOT_CACHE_DIR", str(mine))
         mp.setenv("WARMBOOT_SNAPSHOT_CACHE_MB", "1024")
         yield
-    if os.path.ismount(TEST_SNAPSHOT_CACHE):
-        subprocess.run(["umount", "--lazy", str(TEST_SNAPSHOT_CACHE)], check=False)
-    shutil.rmtree(TEST_SNAPSHOT_CACHE, ignore_errors=True)
+    _remove_cache(mine)
 
 
 @pytest.fixture(autouse=True)

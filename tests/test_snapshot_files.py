@@ -146,6 +146,25 @@ def test_a_leftover_folder_in_the_copys_place_is_replaced(tmp_path: Path) -> Non
         assert (images / "pages-1.img").stat().st_size == manifest["files"]["pages-1.img"]["size"]
 
 
+def test_the_cache_recovers_when_its_folder_is_removed_under_it(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    folder, manifest = _fake_snapshot(store, "a")
+    cache = MemoryCache(store, root=tmp_path / "cache", budget=10 * MB)
+    with cache.images("a", folder, manifest):
+        pass
+    shutil.rmtree(tmp_path / "cache")  # an operator cleaning /dev/shm, say
+    assert cache.staging_for("b", MB) is not None
+    with cache.images("a", folder, manifest) as images:
+        assert (images / "pages-1.img").exists()
+
+
+def test_a_cache_that_cannot_be_written_gives_no_staging_instead_of_failing(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    (tmp_path / "not-a-folder").write_text("")
+    cache = MemoryCache(store, root=tmp_path / "not-a-folder", budget=10 * MB)
+    assert cache.staging_for("a", MB) is None
+
+
 def test_copies_of_stores_that_are_gone_are_swept(tmp_path: Path) -> None:
     gone = tmp_path / "gone-store"
     folder, manifest = _fake_snapshot(gone, "a")

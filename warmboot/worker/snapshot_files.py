@@ -250,11 +250,15 @@ class MemoryCache:
         """A folder to write a new snapshot's raw images into as they are packed, or ``None`` when the budget
         (after evicting older copies) has no room for ``expected_bytes``."""
         with self._lock:
-            self._ensure_dirs()
-            if not self._make_room(expected_bytes, exclude=None):
+            try:
+                self._ensure_dirs()
+                if not self._make_room(expected_bytes, exclude=None):
+                    return None
+                staging = self.dir / f"{_TMP}{snapshot_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+                staging.mkdir(mode=0o700)
+            except OSError as exc:  # the snapshot does without a copy: its first restore makes one
+                log.warning("no copy in memory of snapshot %s: %s", snapshot_id, exc)
                 return None
-            staging = self.dir / f"{_TMP}{snapshot_id}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-            staging.mkdir(mode=0o700)
             return staging
 
     def publish(self, staging: Path, manifest: dict[str, Any]) -> None:
@@ -314,8 +318,9 @@ class MemoryCache:
         return used + wanted <= self.budget and wanted <= free
 
     def _ensure_dirs(self) -> None:
-        """Once per cache object: the root (a tmpfs mounted on it if need be), this store's folder, a sweep."""
-        if self._ready:
+        """The root (a tmpfs mounted on it if need be) and this store's folder, made again if they went away (an
+        operator cleaned /dev/shm); the first time, a sweep of what dead stores and processes left."""
+        if self._ready and self.dir.is_dir():
             return
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         if self._mount_tmpfs and not os.path.ismount(self.root):
