@@ -39,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -348,9 +349,17 @@ def prepare(w: Workload) -> dict[str, Any]:
 
 
 def measure(
-    w: Workload, *, cold_runs: int, restore_runs: int, n_calls: int = 1, disk_cold: bool = False, label: str
+    w: Workload,
+    *,
+    cold_runs: int,
+    restore_runs: int,
+    n_calls: int = 1,
+    disk_cold: bool = False,
+    label: str,
+    after_restore: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Alternating cold and restore runs (so drift on the host hits both alike)."""
+    """Alternating cold and restore runs (so drift on the host hits both alike); ``after_restore(i)`` runs after
+    the i-th restore run (the raw baseline, interleaved for the same reason)."""
     runs: dict[str, list[dict[str, Any]]] = {"cold": [], "restore": []}
     for i in range(max(cold_runs, restore_runs)):
         for kind, wanted in (("cold", cold_runs), ("restore", restore_runs)):
@@ -359,6 +368,8 @@ def measure(
             run = run_once(w, kind, n_calls=n_calls, disk_cold=disk_cold)
             runs[kind].append(run)
             say_run(label, kind, i + 1, wanted, run)
+            if kind == "restore" and after_restore is not None:
+                after_restore(i)
     return summarize(runs)
 
 
@@ -550,19 +561,23 @@ def w3_table(results: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def measure_raw(w: Workload, home: Path, runs: int) -> dict[str, Any]:
-    """W2's snapshot restored and called with no platform (``raw_baseline``), ``runs`` times, results checked."""
-    record = snapshot_of(w)
-    if record is None:
-        raise SystemExit(f"{w.key}: no memory snapshot to take the raw baseline from")
-    seconds = []
-    for i in range(runs):
-        elapsed, value = restore_and_call(home, record["snapshot_id"], w.method, w.kwargs)
-        if not same(value, w.reference):
-            raise AssertionError(f"{w.key} raw restore {i + 1}: the result differs from the first call's")
-        seconds.append(elapsed)
-        console.print(f"  {w.key} raw restore (no platform) {i + 1}/{runs}: {elapsed * 1000:.0f} ms")
-    return summary(seconds)
+class RawBaseline:
+    """W2's snapshot restored and called with no platform (``raw_baseline``), one run after each of W2's restore
+    runs, results checked."""
+
+    def __init__(self, w: Workload, home: Path, runs: int):
+        self.w, self.home, self.runs = w, home, runs
+        self.seconds: list[float] = []
+
+    def __call__(self, i: int) -> None:
+        record = snapshot_of(self.w)
+        if record is None:
+            raise SystemExit(f"{self.w.key}: no memory snapshot to take the raw baseline from")
+        elapsed, value = restore_and_call(self.home, record["snapshot_id"], self.w.method, self.w.kwargs)
+        if not same(value, self.w.reference):
+            raise AssertionError(f"{self.w.key} raw restore {i + 1}: the result differs from the first call's")
+        self.seconds.append(elapsed)
+        console.print(f"  {self.w.key} raw restore (no platform) {i + 1}/{self.runs}: {elapsed * 1000:.0f} ms")
 
 
 def raw_line(results: dict[str, Any]) -> str:
@@ -574,7 +589,7 @@ def raw_line(results: dict[str, Any]) -> str:
     ratio = restore["median_s"] / raw["median_s"]
     return (
         f"Raw baseline: W2's own snapshot restored and called with no platform (CRIU restore by the engine, START "
-        f"and the call written on its pipes; `bench/raw_baseline.py`), in the same run: median "
+        f"and the call written on its pipes; `bench/raw_baseline.py`), one run after each W2 restore run: median "
         f"{raw['median_s'] * 1000:.0f} ms over {raw['n']} runs; warmboot's `.remote()` restore median "
         f"{restore['median_s'] * 1000:.0f} ms is **{ratio:.2f}x** the raw restore."
     )
@@ -840,10 +855,12 @@ def main() -> None:
         for w in WORKLOADS:
             entry = results["workloads"][w.key] = {"title": w.title, **prepare(w)}
             entry["app"], entry["app_file"] = w.name, str(w.path.relative_to(ROOT))
-            entry[WARM] = measure(w, cold_runs=runs, restore_runs=runs, label=w.key)
+            raw_runs = RawBaseline(w, Path(ping["home"]), runs) if w.key == "W2" else None
+            entry[WARM] = measure(w, cold_runs=runs, restore_runs=runs, label=w.key, after_restore=raw_runs)
+            if raw_runs is not None:
+                entry["raw"] = raw = summary(raw_runs.seconds)
+                raw["ratio"] = round(entry[WARM]["restore"]["median_s"] / raw["median_s"], 3)
         w2 = WORKLOADS[2]
-        results["workloads"]["W2"]["raw"] = raw = measure_raw(w2, Path(ping["home"]), runs)
-        raw["ratio"] = round(results["workloads"]["W2"][WARM]["restore"]["median_s"] / raw["median_s"], 3)
         w3_first = min(w3_cold_runs, W3_COLD_RUNS_FIRST)
         for n in (4, 8):
             key = f"W3x{n}"

@@ -116,10 +116,14 @@ def run(
     is moved later), and no process has to be moved after the restore.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [*_kdat_cache_prefix(), str(binary()), *args, "--log-file", str(log_path), "-v2"]
+    prefix = list(_kdat_cache_prefix())
     if cgroups:
         joins = " && ".join(f"echo $$ > {shlex.quote(str(g / 'cgroup.procs'))}" for g in cgroups)
-        cmd = ["sh", "-c", f'{joins} && exec "$@"', "criu-in-cgroup", *cmd]
+        if prefix:  # the same shell joins the groups and binds the cache: one program start fewer
+            prefix[-2] = f"{joins} && {prefix[-2]}"
+        else:
+            prefix = ["sh", "-c", f'{joins} && exec "$@"', "criu"]
+    cmd = [*prefix, str(binary()), *args, "--log-file", str(log_path), "-v2"]
     proc = subprocess.run(
         cmd,
         pass_fds=tuple(pass_fds),
