@@ -14,7 +14,8 @@ with no warm container left before any timed call:
 - cold boot (snapshots off): the app run ephemerally (as `warmboot run` does, which never snapshots), one timed
   call, app stopped;
 - restore (snapshots on): the deployed app redeployed unchanged (same snapshot, no container), one timed call,
-  app stopped.
+  app stopped. The server runs with ``WARMBOOT_RESTORE_ALWAYS=1``: left to itself it boots a function cold where
+  its measured cold boots are faster (W0's can be, once disk-cold restores are among its samples).
 
 A second pass repeats W0-W2 with the page cache dropped (`echo 3 > /proc/sys/vm/drop_caches`) right before each
 timed call: the disk-cold case. The server's log lines of every run (restore, cold boot, first input) are kept,
@@ -169,16 +170,13 @@ def stop_quietly(name: str) -> None:
 
 
 def fresh_server() -> dict[str, Any]:
-    """The server's ping, after restarting it if it runs other warmboot code than the code on disk.
+    """The server's ping, after (re)starting it with ``WARMBOOT_RESTORE_ALWAYS=1``.
 
-    A server left running from before an edit would run the old code (and log the old lines): numbers from it
-    would not describe this tree.
+    A benchmark times restores and cold boots on purpose, so the server must not swap one for the other (it boots
+    a function cold when its measured cold boots are faster, and a disk-cold pass makes restores look slow); and
+    a server left running from before an edit would run other code than this tree's.
     """
-    client.ensure_server()
-    ping = client.request("ping")
-    if ping["code"] == runtime_lib.code_digest():
-        return ping
-    console.print(f"The warmboot server (pid {ping['pid']}) predates the code on disk: restarting it")
+    os.environ["WARMBOOT_RESTORE_ALWAYS"] = "1"
     with contextlib.suppress(Exception):
         client.request("server_stop")
     deadline = time.monotonic() + 60
@@ -189,7 +187,10 @@ def fresh_server() -> dict[str, Any]:
             break
         time.sleep(0.1)
     client.ensure_server()
-    return client.request("ping")
+    ping = client.request("ping")
+    if ping["code"] != runtime_lib.code_digest():
+        raise SystemExit("the warmboot server that answers runs other code than this tree; stop it and retry")
+    return ping
 
 
 def snapshot_of(w: Workload) -> dict[str, Any] | None:
