@@ -21,11 +21,12 @@ from conftest import CHILDREN, STATEFUL, EngineImage, Running, ask
 
 from warmboot.errors import (
     CheckpointError,
+    HostSetupError,
     SnapshotCorruptError,
     SnapshotFileChangedError,
     SnapshotIncompatibleError,
 )
-from warmboot.worker import cgroups
+from warmboot.worker import cgroups, criu
 from warmboot.worker import container as containers
 from warmboot.worker.sandbox import capabilities
 from warmboot.worker.snapshot import MANIFEST, UPPER_COPY, SnapshotStore
@@ -462,3 +463,17 @@ def test_a_restored_copy_is_born_in_its_cgroups_and_its_memory_is_charged_there(
         copy.kill(timeout=10)
     finally:
         groups.remove()
+
+
+def test_criu_verbosity_is_checked_and_level_4_keeps_a_restores_timestamped_log(
+    store: SnapshotStore, running: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WARMBOOT_CRIU_VERBOSITY", "loud")
+    with pytest.raises(HostSetupError, match="WARMBOOT_CRIU_VERBOSITY"):
+        criu.verbosity()
+    monkeypatch.delenv("WARMBOOT_CRIU_VERBOSITY")
+    snap = store.checkpoint(running.start_stateful())
+    monkeypatch.setenv("WARMBOOT_CRIU_VERBOSITY", "4")
+    running.restore(store, snap)
+    [log] = list(store._logs.glob(f"restore-{snap.id}-*.log"))
+    assert "Restore finished successfully" in log.read_text() and log.read_text().startswith("(")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import re
 import shlex
 import subprocess
@@ -71,6 +72,16 @@ def error_lines(log_path: Path) -> list[str]:
     return found
 
 
+def verbosity() -> int:
+    """CRIU's log level: ``WARMBOOT_CRIU_VERBOSITY`` (0-4, default 2: errors and warnings). At 4 every line has a
+    timestamp, which is how a restore's time inside CRIU is profiled; the logs of successful restores are then kept
+    (in the store's ``.logs``) instead of removed."""
+    raw = os.environ.get("WARMBOOT_CRIU_VERBOSITY", "2").strip()
+    if raw not in {"0", "1", "2", "3", "4"}:
+        raise HostSetupError(f"WARMBOOT_CRIU_VERBOSITY={raw!r}: expected 0 to 4 (CRIU's -v levels)")
+    return int(raw)
+
+
 #: Where CRIU's kernel-feature cache lives between runs (a directory on a tmpfs; see _kdat_cache_prefix).
 KDAT_DIR = Path("/dev/shm/warmboot-criu")
 _TMPFS_MAGIC = 0x01021994
@@ -123,7 +134,7 @@ def run(
             prefix[-2] = f"{joins} && {prefix[-2]}"
         else:
             prefix = ["sh", "-c", f'{joins} && exec "$@"', "criu"]
-    cmd = [*prefix, str(binary()), *args, "--log-file", str(log_path), "-v2"]
+    cmd = [*prefix, str(binary()), *args, "--log-file", str(log_path), f"-v{verbosity()}"]
     proc = subprocess.run(
         cmd,
         pass_fds=tuple(pass_fds),

@@ -554,7 +554,8 @@ class SnapshotStore:
             pid = int(pidfile.read_text().strip())
         finally:
             pidfile.unlink(missing_ok=True)
-            log_path.unlink(missing_ok=True)
+            if criu.verbosity() < 4:  # kept at 4: a profile of where the restore's time went
+                log_path.unlink(missing_ok=True)
         copy = containers.Container(
             pid,
             pipes.channels,
