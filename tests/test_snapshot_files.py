@@ -41,6 +41,13 @@ def _fake_snapshot(store_root: Path, snapshot_id: str, size: int = 2 * MB) -> tu
     return folder, {"id": snapshot_id, "created_at": 1.0, "files": files}
 
 
+def _cache_with_one_snapshot(tmp_path: Path) -> tuple[MemoryCache, Path, dict[str, Any]]:
+    """A store holding one snapshot "a", and a cache for it with room for 10 MB."""
+    store = tmp_path / "store"
+    folder, manifest = _fake_snapshot(store, "a")
+    return MemoryCache(store, root=tmp_path / "cache", budget=10 * MB), folder, manifest
+
+
 def test_pack_stores_a_smaller_file_and_unpack_gives_the_bytes_back(tmp_path: Path) -> None:
     data = _memory_like(3 * MB)
     raw = tmp_path / "pages-1.img"
@@ -73,9 +80,7 @@ def test_unpack_refuses_other_bytes_and_a_broken_stream(tmp_path: Path) -> None:
 
 
 def test_a_copy_is_made_on_a_miss_kept_and_reused(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    folder, manifest = _fake_snapshot(store, "a")
-    cache = MemoryCache(store, root=tmp_path / "cache", budget=10 * MB)
+    cache, folder, manifest = _cache_with_one_snapshot(tmp_path)
 
     with cache.images("a", folder, manifest) as images:
         assert images == cache.dir / "a"
@@ -111,11 +116,9 @@ def test_least_recently_used_copies_are_evicted_to_fit_the_budget(tmp_path: Path
 
 
 def test_a_copy_in_use_is_never_evicted(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    folder, manifest = _fake_snapshot(store, "a")
-    cache = MemoryCache(store, root=tmp_path / "cache", budget=10 * MB)
+    cache, folder, manifest = _cache_with_one_snapshot(tmp_path)
     with cache.images("a", folder, manifest) as images:
-        other = MemoryCache(store, root=tmp_path / "cache", budget=10 * MB)  # as another process would
+        other = MemoryCache(tmp_path / "store", root=tmp_path / "cache", budget=10 * MB)  # as another process would
         other.drop("a")
         assert (images / "pages-1.img").exists(), "a restore reading the copy keeps it"
     cache.drop("a")
@@ -123,9 +126,7 @@ def test_a_copy_in_use_is_never_evicted(tmp_path: Path) -> None:
 
 
 def test_a_copy_of_an_older_snapshot_of_the_same_id_is_not_used(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    folder, manifest = _fake_snapshot(store, "a")
-    cache = MemoryCache(store, root=tmp_path / "cache", budget=10 * MB)
+    cache, folder, manifest = _cache_with_one_snapshot(tmp_path)
     with cache.images("a", folder, manifest):
         pass
     (cache.dir / "a" / "core-1.img").write_bytes(b"old!")
@@ -135,9 +136,7 @@ def test_a_copy_of_an_older_snapshot_of_the_same_id_is_not_used(tmp_path: Path) 
 
 
 def test_a_leftover_folder_in_the_copys_place_is_replaced(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    folder, manifest = _fake_snapshot(store, "a")
-    cache = MemoryCache(store, root=tmp_path / "cache", budget=10 * MB)
+    cache, folder, manifest = _cache_with_one_snapshot(tmp_path)
     leftover = cache.dir / "a"
     leftover.mkdir(parents=True)
     (leftover / "pages-1.img").write_bytes(b"half")  # no .complete: an eviction cut short, say
@@ -147,9 +146,7 @@ def test_a_leftover_folder_in_the_copys_place_is_replaced(tmp_path: Path) -> Non
 
 
 def test_the_cache_recovers_when_its_folder_is_removed_under_it(tmp_path: Path) -> None:
-    store = tmp_path / "store"
-    folder, manifest = _fake_snapshot(store, "a")
-    cache = MemoryCache(store, root=tmp_path / "cache", budget=10 * MB)
+    cache, folder, manifest = _cache_with_one_snapshot(tmp_path)
     with cache.images("a", folder, manifest):
         pass
     shutil.rmtree(tmp_path / "cache")  # an operator cleaning /dev/shm, say
