@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -119,11 +121,30 @@ class Platform:
         return path.read_text() if path.exists() else ""
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 120.0) -> Any:
-    """Poll ``check()`` until it is true (for states in other processes, which tell nobody), with a deadline;
-    returns what it returned."""
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.02)
-    return value
+_IN_CHANGES = 0x2 | 0x4 | 0x8 | 0x80 | 0x100 | 0x200  # MODIFY ATTRIB CLOSE_WRITE MOVED_TO CREATE DELETE
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def wait_for(what: str, check: Callable[[], Any], *, watch: Path, timeout: float = 120.0) -> Any:
+    """Wait until ``check()`` is true, with a deadline; returns what it returned.
+
+    What is waited for happens in another process (a container writes into a volume, the server a log line), which
+    tells nobody: ``check()`` runs again on each change to the files in the folder ``watch`` (an inotify watch,
+    set before the first check so that no change between the two is missed), and not in between."""
+    watch.mkdir(parents=True, exist_ok=True)
+    fd = _libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+    assert fd >= 0, f"inotify_init1: {os.strerror(ctypes.get_errno())}"
+    try:
+        wd = _libc.inotify_add_watch(fd, os.fsencode(watch), _IN_CHANGES)
+        assert wd >= 0, f"inotify_add_watch({watch}): {os.strerror(ctypes.get_errno())}"
+        deadline = time.monotonic() + timeout
+        while not (value := check()):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"timed out waiting until {what}"
+            if select.select([fd], [], [], remaining)[0]:
+                with contextlib.suppress(BlockingIOError):
+                    while os.read(fd, 65536):  # every change so far: one check covers them all
+                        pass
+        return value
+    finally:
+        os.close(fd)

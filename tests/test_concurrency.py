@@ -119,7 +119,7 @@ def test_a_sync_function_runs_up_to_max_inputs_at_once_and_no_more(platform: Pla
         print(json.dumps([f.spawn(t).object_id for t in ("a", "b", "c")]))
         """,
     )
-    wait_for("two inputs run", lambda: len(list(meet.glob("running-*"))) == 2)
+    wait_for("two inputs run", lambda: len(list(meet.glob("running-*"))) == 2, watch=meet)
     (meet / "release").touch()
     results = _run(
         platform,

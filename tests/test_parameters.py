@@ -389,7 +389,8 @@ def test_parameter_sets_get_their_own_containers_and_snapshots(platform: Platfor
     label_a = f"{name}.Model(size='a', n=7, flag=True, blob=b'\\x01\\x02')"
     label_b = f"{name}.Model(size='b', n=1, flag=False, blob=b'')"
     rows = wait_for("both snapshots are made", lambda: (r := _snapshot_rows(platform, name)) and all(
-        r.get(label, {}).get("state") == "ok" for label in (label_a, label_b)) and r)  # fmt: skip
+        r.get(label, {}).get("state") == "ok" for label in (label_a, label_b)) and r,
+        watch=platform.home / "logs")  # fmt: skip
     assert rows[label_a]["key"] != rows[label_b]["key"], "each parameter set has its own snapshot"
 
     # A cold start of set "a" (no container left; the unchanged deploy keeps the keys) restores a's snapshot.
@@ -447,7 +448,7 @@ def test_with_options_max_containers_and_env(platform: Platform, app: tuple[str,
         print(json.dumps([gate.hold.spawn(f"narrow-{{i}}", 3).object_id for i in range(3)]))
         """,
     )
-    wait_for("the first narrow input runs", lambda: list(meet.glob("narrow-*")))
+    wait_for("the first narrow input runs", lambda: list(meet.glob("narrow-*")), watch=meet)
     listing = platform.cli("container", "list").stdout
     assert listing.count("Gate.with_options(max_containers)") == 1, listing
     assert len(list(meet.glob("narrow-*"))) == 1, "with max_containers=1 only one input runs"
@@ -472,7 +473,9 @@ def test_with_options_max_containers_and_env(platform: Platform, app: tuple[str,
     assert extra["env"] == "yes" and extra["params"][0] == "e"
     label = f"{name}.Model(size='e', n=1, flag=False, blob=b'').with_options(env)"
     wait_for(
-        "the env= variant's own snapshot", lambda: _snapshot_rows(platform, name).get(label, {}).get("state") == "ok"
+        "the env= variant's own snapshot",
+        lambda: _snapshot_rows(platform, name).get(label, {}).get("state") == "ok",
+        watch=platform.home / "logs",
     )
 
 

@@ -324,7 +324,7 @@ def _ticks_pass(platform: Platform) -> None:
     volume = platform.home / "volumes" / f"{name}-beats"
     source = SOURCE.format(app=name, volume=f"{name}-beats")
     platform.cli("deploy", str(platform.write_app(name.replace("-", "_"), source)))
-    wait_for("the witness schedule ran twice", lambda: _beats(volume) >= 2, timeout=180)
+    wait_for("the witness schedule ran twice", lambda: _beats(volume) >= 2, watch=volume, timeout=180)
     platform.cli("app", "stop", name)
 
 
@@ -338,12 +338,17 @@ def test_a_deployed_period_runs_survives_a_restart_and_stops_with_the_app(platfo
     assert "beat:" in listed and "every 1s" in listed, listed
     assert "morning:" in listed and "America/New_York" in listed, listed
 
-    wait_for("the schedule ran twice", lambda: _beats(volume) >= 2, timeout=180)
+    wait_for("the schedule ran twice", lambda: _beats(volume) >= 2, watch=volume, timeout=180)
     assert "Scheduled run of beat" in platform.log_text(name)
 
     platform.restart_server()
     after_restart = _beats(volume)
-    wait_for("the schedule ran twice after the restart", lambda: _beats(volume) >= after_restart + 2, timeout=180)
+    wait_for(
+        "the schedule ran twice after the restart",
+        lambda: _beats(volume) >= after_restart + 2,
+        watch=volume,
+        timeout=180,
+    )
 
     platform.cli("app", "stop", name)
     stopped_at = _beats(volume)

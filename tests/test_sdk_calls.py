@@ -267,7 +267,7 @@ def test_cancel_a_queued_and_a_running_call(platform: Platform, app: tuple[str, 
         print(json.dumps([f.spawn(t).object_id for t in ({a!r}, {b!r})]))
         """,
     )
-    wait_for("the first call runs", lambda: (meet / f"running-{a}").exists())
+    wait_for("the first call runs", lambda: (meet / f"running-{a}").exists(), watch=meet)
     (meet / f"release-{c}").touch()
     out = _run(
         platform,

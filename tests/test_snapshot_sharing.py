@@ -79,7 +79,11 @@ def test_a_snapshot_made_on_one_agent_is_fetched_and_restored_on_another(
     label = f"{name}.token"
     made = _deploy_and_call(first, name, 1)
     assert made["value"] == 1
-    pushed = wait_for("the first agent pushed its snapshot", lambda: "Pushed memory snapshot" in first.log_text(name))
+    pushed = wait_for(
+        "the first agent pushed its snapshot",
+        lambda: "Pushed memory snapshot" in first.log_text(name),
+        watch=first.home / "logs",
+    )
     assert pushed
 
     restored = _deploy_and_call(second, name, 2)

@@ -57,7 +57,7 @@ def test_requests_beyond_what_containers_accept_queue_within_max_containers(plat
     url = f"{platform.gateway_url}/{name}-held"
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = [pool.submit(httpx.get, f"{url}/{tag}", timeout=300) for tag in ("a", "b", "c")]
-        wait_for("two requests run in the one container", lambda: len(list(meet.glob("running-*"))) == 2)
+        wait_for("two requests run in the one container", lambda: len(list(meet.glob("running-*"))) == 2, watch=meet)
         (meet / "release").touch()
         responses = [f.result() for f in futures]
     assert [r.status_code for r in responses] == [200, 200, 200]
@@ -98,7 +98,12 @@ def test_serve_reloads_the_app_when_its_file_changes_and_stops_it_on_ctrl_c(plat
         assert url is not None and url.endswith(f"/{name}-page-dev"), url
         assert httpx.get(url, timeout=120).text == "version one"
         path.write_text(SERVED.format(app=name, version="version two"))
-        wait_for("the new version serves", lambda: httpx.get(url, timeout=120).text == "version two")
+        # The server logs the new version's deploy, then the old one's stop once the URLs have moved.
+        wait_for(
+            "the new version serves",
+            lambda: httpx.get(url, timeout=120).text == "version two",
+            watch=platform.home / "logs",
+        )
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
     finally:
