@@ -54,6 +54,7 @@ from warmboot.errors import NotFoundError
 from warmboot.sdk import client
 from warmboot.sdk.app import App
 from warmboot.worker import runtime_lib
+from warmboot.worker.snapshot import SnapshotStore
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKLOADS_DIR = ROOT / "bench" / "workloads"
@@ -567,15 +568,17 @@ class RawBaseline:
     runs, results checked."""
 
     def __init__(self, w: Workload, home: Path, runs: int):
-        self.w, self.home, self.runs = w, home, runs
+        self.w, self.runs = w, runs
+        self.store = SnapshotStore(home / "snapshots")
         self.seconds: list[float] = []
 
     def __call__(self, i: int) -> None:
         record = snapshot_of(self.w)
         if record is None:
             raise SystemExit(f"{self.w.key}: no memory snapshot to take the raw baseline from")
-        elapsed, value = restore_and_call(self.home, record["snapshot_id"], self.w.method, self.w.kwargs)
-        if not same(value, self.w.reference):
+        run = restore_and_call(self.store, self.store.get(record["snapshot_id"]), self.w.method, self.w.kwargs)
+        elapsed = run.seconds
+        if not same(run.value, self.w.reference):
             raise AssertionError(f"{self.w.key} raw restore {i + 1}: the result differs from the first call's")
         self.seconds.append(elapsed)
         console.print(f"  {self.w.key} raw restore (no platform) {i + 1}/{self.runs}: {elapsed * 1000:.0f} ms")

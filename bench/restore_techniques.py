@@ -40,14 +40,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import cloudpickle
 import numpy as np
-from raw_baseline import TIMEOUT_S, _next
+from raw_baseline import restore_and_call as raw_restore_and_call
 
 from warmboot import config
-from warmboot.runtime import wire
 from warmboot.worker import cgroups, criu
 from warmboot.worker import container as containers
+from warmboot.worker.container import Container
 from warmboot.worker.sandbox import netns, rootfs
 from warmboot.worker.snapshot import Snapshot, SnapshotStore
 
@@ -147,31 +146,23 @@ def anon_referenced(pids: list[int]) -> int:
     return total
 
 
+def _clear_referenced(copy: Container) -> None:
+    for pid in copy.pids():
+        Path(f"/proc/{pid}/clear_refs").write_text("1")
+
+
 def restore_and_call(store: SnapshotStore, snap: Snapshot, *, working_set: bool = False) -> dict[str, Any]:
-    run_dir = Path(tempfile.mkdtemp(prefix="technique-", dir="/var/tmp"))
-    shutil.rmtree(run_dir)
-    started = time.perf_counter()
-    copy = store.restore(snap, run_dir)
-    out: dict[str, Any] = {"criu_ms": copy.timings.get("criu_restore_ms")}
-    try:
-        deadline = time.monotonic() + TIMEOUT_S
-        wire.send_message(copy.channels.control_in, wire.Start(container_id="technique", env={}, reseed=True))
-        _next(copy.channels.control_out, wire.Ready, deadline)
-        if working_set:
-            for pid in copy.pids():
-                Path(f"/proc/{pid}/clear_refs").write_text("1")
-        args = cloudpickle.dumps(((), KWARGS))
-        wire.send_message(copy.channels.control_in, wire.CallInput(call_id="t-1", args=args, method="run"))
-        result = _next(copy.channels.control_out, wire.Result, deadline)
-        out["seconds"] = time.perf_counter() - started
-        if working_set:
-            out["working_set_bytes"] = anon_referenced(copy.pids())
-    finally:
-        copy.kill()
-    if not result.ok:
-        raise RuntimeError(f"the call failed: {result.message}")
-    out["value"] = cloudpickle.loads(result.value)
-    return out
+    """W2's snapshot restored and called (``raw_baseline.restore_and_call``); with ``working_set``, also the
+    anonymous memory its call touched."""
+    run = raw_restore_and_call(
+        store,
+        snap,
+        "run",
+        KWARGS,
+        on_ready=_clear_referenced if working_set else None,
+        on_result=(lambda copy: anon_referenced(copy.pids())) if working_set else None,
+    )
+    return {"seconds": run.seconds, "value": run.value, "criu_ms": run.criu_ms, "working_set_bytes": run.extra}
 
 
 def page_fill(path: Path, threads: int) -> float:

@@ -376,23 +376,28 @@ def test_a_label_another_app_serves_is_refused_at_deploy(platform: Platform, web
     assert f"which app {web_app['name']!r} already serves" in proc.stderr
 
 
+def _fragile_container(web_app: dict[str, str]) -> str:
+    """The container that answers the fragile endpoint now."""
+    return httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"]
+
+
 def test_a_container_that_dies_mid_request_answers_502_and_the_next_request_gets_a_new_one(
     web_app: dict[str, str],
 ) -> None:
-    first = httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"]
+    first = _fragile_container(web_app)
     # The container is warm and idle: this request takes the gateway's fast path (a lent slot).
     crashed = httpx.get(web_app["fragile"] + "/crash", timeout=120)
     assert crashed.status_code == 502
     assert f"container {first} of {web_app['name']}.fragile died" in crashed.json()["error"]
-    second = httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"]
+    second = _fragile_container(web_app)
     assert second != first
 
 
 def test_a_request_past_the_function_timeout_answers_504_and_its_container_is_replaced(
     web_app: dict[str, str],
 ) -> None:
-    first = httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"]
+    first = _fragile_container(web_app)
     hung = httpx.get(web_app["fragile"] + "/hang", timeout=120)
     assert hung.status_code == 504
     assert "exceeded the function's timeout of 3 s; the container was stopped" in hung.json()["error"]
-    assert httpx.get(web_app["fragile"] + "/who", timeout=120).json()["container"] != first
+    assert _fragile_container(web_app) != first
