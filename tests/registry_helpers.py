@@ -1,7 +1,8 @@
 """A real OCI registry on loopback for tests, and a small Python-less base image pushed to it.
 
 The registry is Debian's ``docker-registry`` (the CNCF distribution server, 2.8) with filesystem storage in a
-temporary directory, listening on ``127.0.0.1`` on a port the kernel picks. Images are pushed with skopeo.
+temporary directory, listening on ``127.0.0.1`` on a port the kernel picks, started by the library
+(warmboot/devservices/registry.py). Images are pushed with skopeo.
 
 conftest.py (or a test module) imports the fixtures to use them::
 
@@ -14,28 +15,22 @@ conftest.py (or a test module) imports the fixtures to use them::
 from __future__ import annotations
 
 import contextlib
-import io
 import os
-import re
-import secrets
-import select
 import shutil
 import subprocess
 import tempfile
-import threading
-import time
-import urllib.request
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pytest
 
+from warmboot.devservices.registry import START_TIMEOUT_S, RegistryServer, registry_server
 from warmboot.worker.images.oci import ImageConfig, Layout
 from warmboot.worker.images.python_layer import apt_download
 
 #: How long the registry may take to say it listens (it starts in well under a second here).
-START_DEADLINE_S = 20.0
+START_DEADLINE_S = START_TIMEOUT_S
 #: Busybox applets the base image links, enough for tests' shell scripts.
 APPLETS = ("sh", "cat", "ls", "echo", "test", "[", "stat", "mkdir", "rm", "touch", "id", "env", "readlink", "wc")
 
@@ -48,17 +43,15 @@ def _which(tool: str, package: str) -> str:
 
 
 @dataclass
-class Registry:
-    """A running ``docker-registry`` on loopback."""
-
-    host: str  #: ``127.0.0.1:PORT``
-    storage: Path  #: its filesystem storage root
-    process: subprocess.Popen[bytes]
+class Registry(RegistryServer):
+    """A running ``docker-registry`` (warmboot/devservices/registry.py) that tests push images to."""
 
     def push(self, layout: Layout, ref_name: str, repo_tag: str, *, compress: str | None = None) -> str:
-        """Copy the layout's image ``ref_name`` to ``<host>/<repo_tag>`` (optionally recompressed); returns the ref."""
+        """Copy the layout's image ``ref_name`` to ``<host>/<repo_tag>`` (optionally recompressed); returns the ref.
+
+        skopeo runs where the registry runs (under its ``argv_prefix``, e.g. in a cluster network's hub)."""
         ref = f"{self.host}/{repo_tag}"
-        argv = [_which("skopeo", "skopeo"), "copy", "--dest-tls-verify=false"]
+        argv = [*self.argv_prefix, _which("skopeo", "skopeo"), "copy", "--dest-tls-verify=false"]
         if compress:
             argv += ["--dest-compress", "--dest-compress-format", compress]
         argv += [f"oci:{layout.path}:{ref_name}", f"docker://{ref}"]
@@ -66,76 +59,17 @@ class Registry:
         assert proc.returncode == 0, f"skopeo push of {ref} failed:\n{proc.stdout}\n{proc.stderr}"
         return ref
 
-    def api_ok(self) -> bool:
-        """Whether ``GET /v2/`` answers 200 (the registry API's version check)."""
-        with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=5) as resp:
-            return resp.status == 200
-
 
 @contextlib.contextmanager
-def running_registry(workdir: Path) -> Iterator[Registry]:
-    """Start ``docker-registry`` with storage under ``workdir``; wait until it listens and answers; stop it after."""
-    binary = _which("docker-registry", "docker-registry")
-    workdir.mkdir(parents=True, exist_ok=True)
-    storage = workdir / "storage"
-    storage.mkdir(exist_ok=True)
-    config = workdir / "config.yml"
-    config.write_text(
-        "version: 0.1\n"
-        "log:\n  level: info\n  accesslog:\n    disabled: true\n"
-        f"storage:\n  filesystem:\n    rootdirectory: {storage}\n"
-        "  delete:\n    enabled: true\n"
-        "  maintenance:\n    uploadpurging:\n      enabled: false\n"
-        # Port 0: the kernel picks a free port, and the registry logs the address it got (no port race).
-        f"http:\n  addr: 127.0.0.1:0\n  secret: {secrets.token_hex(16)}\n"
-    )
-    proc = subprocess.Popen(
-        [binary, "serve", str(config)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    assert proc.stderr is not None
-    stream = proc.stderr
-    drain: threading.Thread | None = None
-    try:
-        host = _wait_listening(proc, START_DEADLINE_S)
-        # Keep reading its log so that a full pipe never blocks the registry.
-        drain = threading.Thread(target=lambda: shutil.copyfileobj(stream, io.BytesIO()), daemon=True)
-        drain.start()
-        registry = Registry(host=host, storage=storage, process=proc)
-        assert registry.api_ok(), f"registry on {host} does not answer GET /v2/"
-        yield registry
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if drain is not None:
-            drain.join(timeout=10)
-        stream.close()
+def running_registry(
+    workdir: Path, *, listen: str = "127.0.0.1:0", argv_prefix: Sequence[str] = ()
+) -> Iterator[Registry]:
+    """Start ``docker-registry`` with storage under ``workdir``; wait until it listens and answers; stop it after.
 
-
-def _wait_listening(proc: subprocess.Popen[bytes], deadline_s: float) -> str:
-    """Read the registry's log until it says ``listening on ADDR``; returns ADDR. Fails past the deadline."""
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
-    deadline = time.monotonic() + deadline_s
-    seen = b""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RuntimeError(f"docker-registry did not start within {deadline_s}s:\n{seen.decode()[-2000:]}")
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            continue
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            proc.wait()
-            raise RuntimeError(f"docker-registry exited {proc.returncode}:\n{seen.decode()[-2000:]}")
-        seen += chunk
-        m = re.search(rb'msg="listening on (127\.0\.0\.1:\d+)"', seen)
-        if m:
-            return m.group(1).decode()
+    Skips the test when docker-registry is not installed."""
+    _which("docker-registry", "docker-registry")
+    with registry_server(workdir, listen=listen, argv_prefix=argv_prefix) as server:
+        yield Registry(**{f.name: getattr(server, f.name) for f in fields(server)})
 
 
 @dataclass(frozen=True)
