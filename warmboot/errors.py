@@ -136,3 +136,16 @@ class ServerRestartedError(WarmbootError):
 
 class ProtocolViolationError(ContainerCrashedError):
     """A container wrote something malformed or out of turn on its control channel; it was stopped."""
+
+
+class AgentLostError(ContainerCrashedError):
+    """The agent running a container stopped answering (its machine died, or the network to it): the call is
+    retried on another agent if it has retries left, else it fails with this, naming the agent."""
+
+
+class UnauthorizedError(WarmbootError):
+    """A request to the control plane's agent API, or to an agent, without the right token."""
+
+
+class PeerUnreachableError(ServerError):
+    """The control plane or an agent did not answer: it is down, or the network to it is."""

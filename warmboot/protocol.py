@@ -136,6 +136,11 @@ class ContainerList:
 
 
 @dataclass(frozen=True)
+class AgentList:
+    pass
+
+
+@dataclass(frozen=True)
 class SecretCreate:
     name: str
     values: dict[str, Any]  #: checked by ``validation.environment`` (the message names the bad key)
@@ -214,6 +219,7 @@ REQUESTS: dict[str, type] = {
     "app_list": AppList,
     "app_stop": AppStop,
     "container_list": ContainerList,
+    "agent_list": AgentList,
     "secret_create": SecretCreate,
     "secret_list": SecretList,
     "logs": Logs,

@@ -41,6 +41,7 @@ COMMANDS: list[tuple[str, Callable[..., Any]]] = [
 GROUPS: list[tuple[str, typer.Typer]] = [
     ("app", manage.apps),
     ("container", manage.containers),
+    ("agent", manage.agents),
     ("secret", manage.secrets),
     ("volume", manage.volumes),
     ("snapshot", snapshots.snapshots),

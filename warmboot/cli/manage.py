@@ -100,6 +100,29 @@ def container_list() -> None:
     console.print(table)
 
 
+agents = typer.Typer(help="The machines of a cluster (agents) and their state.", no_args_is_help=True)
+
+
+@agents.command("list")
+def agent_list() -> None:
+    """List the agents that registered with this control plane: address, snapshot class, resources, state.
+
+    An agent silent for WARMBOOT_AGENT_LOST_S (5 s) is shown lost; its calls were retried elsewhere.
+
+    Example:
+
+        warmboot agent list
+    """
+    rows = client.request("agent_list")
+    table = Table("agent", "state", "url", "class", "CPU", "memory", "GPUs", "containers", "last seen")
+    for r in rows:
+        table.add_row(
+            escape(r["name"]), r["state"], r["url"], r["fingerprint"][:24], f"{r['cpus']:g}",
+            f"{r['memory_mb'] // 1024} GiB", str(len(r["gpus"])), str(r["containers"]), timestamp(r["last_seen"]),
+        )  # fmt: skip
+    console.print(table)
+
+
 def logs(
     app: str = typer.Argument(..., help="The app's name (or id)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines as they come."),

@@ -26,7 +26,7 @@ from warmboot.sdk import parameter as parameters
 from warmboot.sdk import retries as retry_rules
 from warmboot.server.images import ResolvedImage
 from warmboot.server.launcher import GpuPlan, Launcher, SnapshotPlan
-from warmboot.server.pool import FunctionPool, PoolSettings
+from warmboot.server.pool import FunctionPool, Launch, PoolSettings
 from warmboot.server.snapshots import snapshot_key
 from warmboot.server.state import AppRecord
 from warmboot.worker import cgroups, cuda_checkpoint, gpus, runtime_lib
@@ -163,7 +163,7 @@ class RunningApp:
             for secret in overrides.get("secrets") or []:
                 if secret.get("name") is not None:
                     self.server.state.get_secret(secret["name"])  # NotFoundError names it
-            if overrides.get("gpu"):
+            if overrides.get("gpu") and self.server.cluster is None:  # a cluster waits for an agent that fits
                 gpus.check_request(overrides["gpu"], label)
         return Variant(tag, values, overrides)
 
@@ -218,6 +218,48 @@ class RunningApp:
 
     def _make_pool(self, tag: str, variant: Variant | None = None) -> FunctionPool:
         variant = variant or Variant(tag)
+        settings = self.pool_settings(variant)
+        launch: Launch
+        if self.server.cluster is not None:  # the agents run the containers (server.cluster)
+            stopped = self.server.cluster.cancel_event()  # set by the pool's stop(): a start waiting for room ends
+            launch = self.server.cluster.launcher(self, variant, stopped)
+            on_first_input = None
+        else:
+            stopped = self.server.gpu_allocator.cancel_event()  # set by the pool's stop(): a waiting start ends
+            launcher = self.launcher(variant, stopped)
+            launch, on_first_input = launcher, launcher.first_input
+        pool = FunctionPool(settings, launch, self.event, stopped=stopped, on_first_input=on_first_input)
+        if isinstance(launch, Launcher):
+            launch.still_needed = pool.start_still_needed
+        return pool
+
+    def pool_settings(self, variant: Variant) -> PoolSettings:
+        """How a variant's pool scales and retries (its function's options, with the variant's overrides)."""
+        fspec = variant.effective_spec(self.function_spec(variant.tag))
+        opts = fspec["options"]
+        concurrency = int((fspec.get("concurrency") or {}).get("max_inputs") or 1)
+        batching = fspec.get("batching")
+        retries, retry_delay, retry_backoff, retry_max_delay = retry_rules.policy(opts["retries"])
+        return PoolSettings(
+            label=f"{self.record.name}.{variant.describe()}",
+            timeout=float(opts["timeout"]),
+            retries=retries,
+            min_containers=int(opts["min_containers"]),
+            max_containers=int(opts["max_containers"]),
+            scaledown_window=float(opts["scaledown_window"]),
+            max_inputs=opts.get("max_inputs"),
+            concurrency=concurrency,
+            retry_delay=retry_delay,
+            retry_backoff=retry_backoff,
+            retry_max_delay=retry_max_delay,
+            batch_size=int(batching["max_batch_size"]) if batching else 0,
+            batch_wait=int(batching["wait_ms"]) / 1000 if batching else 0.0,
+        )
+
+    def launcher(self, variant: Variant, stopped: threading.Event) -> Launcher:
+        """What starts a variant's containers on this machine: its launch plan, resolved once, and its snapshot
+        plan (the single-machine server's pools, and an agent's containers, use it)."""
+        tag = variant.tag
         fspec = variant.effective_spec(self.function_spec(tag))
         opts = fspec["options"]
         label = f"{self.record.name}.{variant.describe()}"
@@ -237,7 +279,6 @@ class RunningApp:
             gpu_env = dict(gpus.DRIVER_ENV)
 
         concurrency = int((fspec.get("concurrency") or {}).get("max_inputs") or 1)
-        batching = fspec.get("batching")
         runtime_env = {"WARMBOOT_MAX_CONCURRENT_INPUTS": str(concurrency)}
         if variant.parameters is not None:  # set on the instance before its @enter hooks (and the snapshot)
             runtime_env[parameters.ENV_VAR] = parameters.encode(variant.parameters)
@@ -298,28 +339,8 @@ class RunningApp:
                 slots=self.server.restore_slots,
                 remote=self.server.remote_snapshots,
             )
-        stopped = self.server.gpu_allocator.cancel_event()  # set by the pool's stop(): a start waiting for GPUs ends
         gpu_plan = GpuPlan(self.server.gpu_allocator, str(opts["gpu"]), stopped) if opts["gpu"] else None
-        launcher = Launcher(label, make_plan, start_env, on_output, self.event, snapshots, gpu_plan)
-        retries, retry_delay, retry_backoff, retry_max_delay = retry_rules.policy(opts["retries"])
-        settings = PoolSettings(
-            label=label,
-            timeout=float(opts["timeout"]),
-            retries=retries,
-            min_containers=int(opts["min_containers"]),
-            max_containers=int(opts["max_containers"]),
-            scaledown_window=float(opts["scaledown_window"]),
-            max_inputs=opts.get("max_inputs"),
-            concurrency=concurrency,
-            retry_delay=retry_delay,
-            retry_backoff=retry_backoff,
-            retry_max_delay=retry_max_delay,
-            batch_size=int(batching["max_batch_size"]) if batching else 0,
-            batch_wait=int(batching["wait_ms"]) / 1000 if batching else 0.0,
-        )
-        pool = FunctionPool(settings, launcher, self.event, stopped=stopped, on_first_input=launcher.first_input)
-        launcher.still_needed = pool.start_still_needed
-        return pool
+        return Launcher(label, make_plan, start_env, on_output, self.event, snapshots, gpu_plan)
 
     def event(self, text: str) -> None:
         log.info("%s: %s", self.record.name, text)

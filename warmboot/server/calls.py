@@ -122,6 +122,9 @@ class CallBook:
             if "variant" not in self._db.columns("calls"):
                 # Added with modal.parameter()/with_options: which variant's pool a queued call goes back to.
                 self._db.execute("ALTER TABLE calls ADD COLUMN variant TEXT")
+            if "agent" not in self._db.columns("calls"):
+                # Added with clusters: the agent a running call was sent to, asked for its outcome after a restart.
+                self._db.execute("ALTER TABLE calls ADD COLUMN agent TEXT")
 
     def _write(self, sql: str, *args: object) -> None:
         with self._db_lock:
@@ -182,6 +185,10 @@ class CallBook:
             # results wait to be fetched.
             self._live.pop(call.call_id, None)
 
+    def placed(self, call_id: str, agent_name: str) -> None:
+        """A running call was sent to an agent (a restarted control plane asks that agent for its outcome)."""
+        self._write("UPDATE calls SET agent = ? WHERE call_id = ?", agent_name, call_id)
+
     def delivered(self, call: Call) -> None:
         """A ``.remote()`` caller has its outcome: nobody can ask for it again, so forget the call."""
         with self._lock:
@@ -225,21 +232,26 @@ class CallBook:
 
     # ----- after a crash ---------------------------------------------------------------------------------
 
-    def recover(self, restarted: WarmbootError) -> tuple[list[Call], list[Call]]:
+    def recover(
+        self, restarted: WarmbootError, collect: Callable[[Call, str], None] | None = None
+    ) -> tuple[list[Call], list[Call]]:
         """Read back the calls a previous server left unfinished.
 
         Returns ``(queued, interrupted)``: queued spawned calls, to be submitted again, and the others, now ended
         with ``restarted``: calls that were running (their container died with the server, and their function may
         have run in part, so they are not silently run again) and ``.remote()`` calls whose caller is gone.
+
+        ``collect`` (a cluster's control plane): a spawned call that was running on an agent outlived the control
+        plane there; it is handed to ``collect(call, agent name)``, which fetches its outcome from that agent.
         """
         with self._db_lock:
             rows = self._db.execute(
-                "SELECT call_id, app_id, tag, method, args, state, attempts, submitted_at, detached, variant "
+                "SELECT call_id, app_id, tag, method, args, state, attempts, submitted_at, detached, variant, agent "
                 "FROM calls WHERE state != 'done' ORDER BY submitted_at"
             ).fetchall()
         queued: list[Call] = []
         interrupted: list[Call] = []
-        for call_id, app_id, tag, method, args, state, attempts, submitted_at, detached, variant in rows:
+        for call_id, app_id, tag, method, args, state, attempts, submitted_at, detached, variant, agent in rows:
             call = Call(
                 app_id,
                 tag,
@@ -251,7 +263,9 @@ class CallBook:
                 variant=variant,
             )
             self._track(call)
-            if state == "running" or not detached:
+            if state == "running" and detached and agent and collect is not None:
+                collect(call, agent)
+            elif state == "running" or not detached:
                 # Running: its container died with the server. Not detached (.remote, .remote_gen): its caller's
                 # connection died too, and nobody else knows its id, so running it would serve no one.
                 call.fail(restarted)

@@ -24,6 +24,7 @@ from typing import Any
 
 import warmboot
 from warmboot import config, protocol, validation
+from warmboot.cluster import settings as cluster_settings
 from warmboot.errors import (
     InputCancelledError,
     InvalidOptionError,
@@ -39,6 +40,7 @@ from warmboot.server import scheduler as schedules
 from warmboot.server.api import ApiServer
 from warmboot.server.apps import RunningApp, variant_of
 from warmboot.server.calls import Call, CallBook
+from warmboot.server.cluster.control import ClusterControl
 from warmboot.server.db import Database
 from warmboot.server.gateway import serve as gateway_server
 from warmboot.server.gateway.asgi import Gateway
@@ -88,6 +90,9 @@ class ControlPlane:
         self.gateway: GatewayServer | None = None  #: the HTTP gateway, started by serve()
         self._gateway_error = "not started yet"
         self.web = Gateway(self, self.proxy_tokens, require_all=False)
+        #: Agents run the containers when WARMBOOT_CLUSTER_LISTEN is set (server/cluster); else this process does.
+        listen = cluster_settings.cluster_listen()
+        self.cluster: ClusterControl | None = ClusterControl(self, listen) if listen else None
         self._recover()
         self.scheduler = schedules.for_plane(self)  #: started by serve(): schedules resume from the state table
 
@@ -114,7 +119,8 @@ class ControlPlane:
             ServerRestartedError(
                 "the server restarted while this call ran, so it did not finish (its function may have run in "
                 "part); call it again"
-            )
+            ),
+            collect=self.cluster.collect if self.cluster is not None else None,
         )
         for call in interrupted:
             log.warning("call %s was running when the server stopped: it ends with an error", call.call_id)
@@ -198,7 +204,7 @@ class ControlPlane:
                 )
         elif target.method is not None:
             raise InvalidOptionError(f"{app.record.name}.{target.tag} is a function, not a class")
-        if fspec["options"].get("gpu"):
+        if fspec["options"].get("gpu") and self.cluster is None:  # a cluster's placement waits for an agent that fits
             gpus.check_request(fspec["options"]["gpu"], f"{app.record.name}.{target.tag}")
         # modal.parameter() values and with_options overrides: checked now, before the call is recorded
         variant = app.variant(target.tag, target.parameters, target.options)
@@ -293,6 +299,13 @@ class ControlPlane:
         with self._lock:
             apps = list(self.apps.values())
         return [{"app": a.record.name, **c} for a in apps for p in list(a.pools.values()) for c in p.describe()]
+
+    def op_agent_list(self, request: protocol.AgentList) -> list[dict[str, Any]]:
+        if self.cluster is None:
+            raise InvalidOptionError(
+                "this server runs its containers itself (no cluster): set WARMBOOT_CLUSTER_LISTEN to let agents join"
+            )
+        return self.cluster.book.describe()
 
     def op_secret_create(self, request: protocol.SecretCreate) -> str:
         validation.name("secret", request.name)
@@ -424,6 +437,8 @@ class ControlPlane:
             (self.home / "server.pid").write_text(str(os.getpid()))
             log.info("warmboot server %s listening on %s (pid %d)", warmboot.__version__, sock, os.getpid())
             self._start_gateway()
+            if self.cluster is not None:
+                self.cluster.start()
             self.scheduler.start()
 
         self.api.serve_forever(listening)
@@ -437,8 +452,12 @@ class ControlPlane:
         self.scheduler.stop()
         if self.gateway is not None:
             self.gateway.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         with self._lock:
-            apps = list(self.apps.values())
+            # A cluster's containers live on the agents and outlive this process: calls they run finish there and
+            # the next control plane collects them; the agents stop the idle ones when it registers them again.
+            apps = list(self.apps.values()) if self.cluster is None else []
         threads = [threading.Thread(target=a.stop) for a in apps]
         for t in threads:
             t.start()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +21,7 @@ from warmboot.server.apps import APP_DIR
 from warmboot.server.gateway import routes
 from warmboot.server.images import ResolvedImage, code_layer, resolve_image
 from warmboot.worker import gpus
+from warmboot.worker.images import distribute
 
 if TYPE_CHECKING:
     from warmboot.server.daemon import ControlPlane
@@ -44,7 +46,7 @@ def check_request(plane: ControlPlane, request: Deploy) -> tuple[str, specs.AppS
         raise InvalidOptionError(f"app {name!r} defines no @app.function or @app.cls: nothing to deploy")
     for tag, fspec in typed.functions.items():
         label = f"{name}.{tag}"
-        if fspec.options.get("gpu"):
+        if fspec.options.get("gpu") and plane.cluster is None:  # a cluster places it on an agent that has them
             gpus.check_request(fspec.options["gpu"], label)
         for path, volume in fspec.volumes.items():
             if not plane.volume_dir(volume.name).is_dir() and not volume.create_if_missing:
@@ -73,14 +75,24 @@ def deploy(plane: ControlPlane, request: Deploy, emit: Emit) -> dict[str, Any]:
                 vdir.mkdir(parents=True)
                 emit(f"Created volume {volume.name}")
     built: dict[str, ResolvedImage] = {}
+    pushed: dict[str, str] = {}
+    registry = os.environ.get("WARMBOOT_REGISTRY")
+    insecure = os.environ.get("WARMBOOT_REGISTRY_INSECURE") == "1"
     for tag, fspec_json in functions.items():
         key = json.dumps(fspec_json["image"], sort_keys=True)
         if key not in built:
             emit(f"Building image for {name}.{tag}")
             built[key] = resolve_image(fspec_json["image"], plane.home, progress=emit, secrets=plane.secret_env)
+            if registry:  # a cluster's agents pull it from there (agent/host.py)
+                emit(f"Pushing image {built[key].image.digest[:19]} to {registry}")
+                pushed[key] = distribute.push_image(
+                    built[key], images_root=plane.home / "images", registry=registry, insecure=insecure, progress=emit
+                )
         # The image is pinned here, by digest and layer paths: container starts never build or hash.
         fspec_json["image_digest"] = built[key].image.digest
         fspec_json["resolved_image"] = built[key].to_json()
+        if key in pushed:
+            fspec_json["image_ref"] = pushed[key]
     code_dir = code_layer(plane.home / "code", request.filename, request.source, APP_DIR)
     previous = None
     if not request.ephemeral:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import platform
 from dataclasses import dataclass
 
@@ -45,8 +46,11 @@ def _cpuinfo() -> tuple[str, str]:
 def fingerprint() -> HostFingerprint:
     """The fingerprint of this machine (cached: it does not change while a process runs)."""
     model, flags = _cpuinfo()
+    # An operator's label (WARMBOOT_FINGERPRINT_EXTRA) joins the CPU model: nodes that the hardware would group
+    # (say, ones with different GPU drivers behind the same CPU) then never restore each other's snapshots.
+    extra = os.environ.get("WARMBOOT_FINGERPRINT_EXTRA", "")
     return HostFingerprint(
-        cpu_model=model,
+        cpu_model=f"{model} [{extra}]" if extra else model,
         cpu_flags_sha256=hashlib.sha256(flags.encode()).hexdigest(),
         kernel=platform.release(),
         criu_version=criu.version(),
