@@ -71,29 +71,37 @@ class S3Settings:
     secure: bool = True  #: https; False only for a store on loopback or in a private network
 
 
+def _value_or_file(name: str) -> str:
+    """``NAME``, or the contents of the file ``NAME_FILE`` names (a Kubernetes secret mounted as a file)."""
+    if path := os.environ.get(f"{name}_FILE"):
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise InvalidOptionError(f"{name}_FILE={path!r} cannot be read ({exc})") from exc
+    return os.environ.get(name, "").strip()
+
+
 def settings_from_env() -> S3Settings | None:
     """Object storage for snapshots, from ``WARMBOOT_S3_*`` (None when ``WARMBOOT_S3_ENDPOINT`` is unset).
 
     ``WARMBOOT_S3_ENDPOINT`` is ``https://host:port`` (or ``http://`` for a store on loopback or a private
     network; a bare ``host:port`` means https), ``WARMBOOT_S3_BUCKET`` (default ``warmboot``),
     ``WARMBOOT_S3_PREFIX``, ``WARMBOOT_S3_ACCESS_KEY`` and ``WARMBOOT_S3_SECRET_KEY`` or, better,
-    ``WARMBOOT_S3_SECRET_KEY_FILE`` (a file holding it: a Kubernetes secret mounted as a file).
+    ``WARMBOOT_S3_ACCESS_KEY_FILE`` and ``WARMBOOT_S3_SECRET_KEY_FILE`` (files holding them: Kubernetes secrets
+    mounted as files).
     """
     endpoint = os.environ.get("WARMBOOT_S3_ENDPOINT", "").strip()
     if not endpoint:
         return None
     secure = not endpoint.startswith("http://")
     endpoint = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
-    access = os.environ.get("WARMBOOT_S3_ACCESS_KEY", "").strip()
-    secret = os.environ.get("WARMBOOT_S3_SECRET_KEY", "")
-    if path := os.environ.get("WARMBOOT_S3_SECRET_KEY_FILE"):
-        try:
-            secret = Path(path).read_text().strip()
-        except OSError as exc:
-            raise InvalidOptionError(f"WARMBOOT_S3_SECRET_KEY_FILE={path!r} cannot be read ({exc})") from exc
+    access = _value_or_file("WARMBOOT_S3_ACCESS_KEY")
+    secret = _value_or_file("WARMBOOT_S3_SECRET_KEY")
     if not access or not secret:
-        missing = "WARMBOOT_S3_ACCESS_KEY" if not access else "WARMBOOT_S3_SECRET_KEY (or WARMBOOT_S3_SECRET_KEY_FILE)"
-        raise InvalidOptionError(f"WARMBOOT_S3_ENDPOINT is set but {missing} is not: set both credentials")
+        missing = "WARMBOOT_S3_ACCESS_KEY" if not access else "WARMBOOT_S3_SECRET_KEY"
+        raise InvalidOptionError(
+            f"WARMBOOT_S3_ENDPOINT is set but {missing} (or {missing}_FILE) is not: set both credentials"
+        )
     bucket = os.environ.get("WARMBOOT_S3_BUCKET", "warmboot").strip()
     return S3Settings(endpoint, access, secret, bucket, os.environ.get("WARMBOOT_S3_PREFIX", ""), secure)
 
