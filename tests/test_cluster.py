@@ -1,0 +1,220 @@
+"""A control plane and agents on this machine: placement, snapshots shared between agents of one fingerprint
+class (and never across classes), images pulled from a registry, an agent killed mid-call, a control-plane
+restart mid-call, and agents with the wrong token.
+
+Real processes throughout: the server, ``python -m warmboot.agent``, the CLI and SDK, containers, CRIU, a
+SeaweedFS S3 server and Debian's docker-registry.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_helpers import Cluster
+from platform_helpers import wait_for
+from registry_helpers import Registry
+from s3_helpers import s3_server  # noqa: F401 - the session's S3 server
+
+from warmboot.cluster import messages
+from warmboot.cluster.transport import Peer
+from warmboot.errors import UnauthorizedError
+from warmboot.worker.snapshot_remote import S3Settings
+
+APP = """
+import os
+import pathlib
+import time
+
+import warmboot as modal
+
+app = modal.App({name!r})
+marks = modal.Volume.from_name("marks", create_if_missing=True)
+TOKEN = os.urandom(8).hex()  # drawn at import: a restored copy has the token of the snapshot's container
+TABLE = list(range(200_000))
+
+
+@app.function(enable_memory_snapshot=True, volumes={{"/marks": marks}}, retries={retries})
+def work(x):
+    here = pathlib.Path("/marks")
+    (here / f"started-{{x}}").write_text(os.environ["WARMBOOT_CONTAINER_ID"])
+    # The test blocks calls on one agent by a file in that agent's volume (volumes are per agent), and
+    # releases one by another file.
+    while (here / "block").exists() and not (here / f"release-{{x}}").exists():
+        time.sleep(0.05)
+    return {{"token": TOKEN, "value": TABLE[x], "container": os.environ["WARMBOOT_CONTAINER_ID"]}}
+"""
+
+
+@pytest.fixture
+def cluster() -> Iterator[Cluster]:
+    c = Cluster()
+    yield c.start()
+    c.close()
+
+
+def deploy(cluster: Cluster, *, retries: int = 0) -> str:
+    name = f"cl-{uuid.uuid4().hex[:6]}"
+    path = cluster.control.write_app(name.replace("-", "_"), APP.format(name=name, retries=retries))
+    cluster.control.cli("deploy", str(path))
+    return name
+
+
+def call(cluster: Cluster, name: str, x: int, *, check: bool = True) -> dict:
+    out = cluster.control.python(
+        f"import json, warmboot; print(json.dumps(warmboot.Function.from_name({name!r}, 'work').remote({x})))",
+        check=check,
+    )
+    if not check and out.returncode != 0:
+        return {"error": out.stderr}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def started_on(cluster: Cluster, name: str, container: str) -> str:
+    """The agent the control plane's log says the container started on."""
+    for line in cluster.control.log_text(name).splitlines():
+        if f"Container {container} started for" in line and " on agent " in line:
+            return line.split(" on agent ")[1].split(" ")[0]
+    raise AssertionError(f"no start of {container} in the log:\n{cluster.control.log_text(name)}")
+
+
+def wait_started(cluster: Cluster, agent: str, x: int) -> None:
+    volume = cluster.agents[agent].volume("marks")
+    wait_for(f"call {x} started on {agent}", lambda: (volume / f"started-{x}").exists(), watch=volume)
+
+
+def test_agents_of_one_class_restore_one_snapshot_and_another_class_never_does(
+    s3_server: S3Settings,  # noqa: F811
+    registry: Registry,
+) -> None:
+    s3 = {
+        "WARMBOOT_S3_ENDPOINT": f"http://{s3_server.endpoint}",
+        "WARMBOOT_S3_ACCESS_KEY": s3_server.access_key,
+        "WARMBOOT_S3_SECRET_KEY": s3_server.secret_key,
+        "WARMBOOT_S3_BUCKET": f"cl-{uuid.uuid4().hex[:8]}",
+        "WARMBOOT_REGISTRY_INSECURE": "1",
+    }
+    cluster = Cluster(control_env={"WARMBOOT_REGISTRY": registry.host, "WARMBOOT_REGISTRY_INSECURE": "1"}, agent_env=s3)
+    try:
+        cluster.start()
+        cluster.add_agent("maker")
+        name = deploy(cluster)
+        made = call(cluster, name, 1)
+        assert started_on(cluster, name, made["container"]) == "maker"
+        wait_for(
+            "the maker pushed its snapshot",
+            lambda: "Pushed memory snapshot" in cluster.control.log_text(name),
+            watch=cluster.control.home / "logs",
+        )
+        # The image came from the registry, into the agent's own home.
+        assert list((cluster.agents["maker"].home / "images" / "pulled").iterdir())
+
+        # Another fingerprint class (an operator's label) boots cold and makes its own snapshot.
+        cluster.add_agent("other-class", env={"WARMBOOT_FINGERPRINT_EXTRA": "class-b"})
+        cluster.stop_agent("maker")
+        cluster.wait_state("maker", "lost")
+        other = call(cluster, name, 2)
+        assert started_on(cluster, name, other["container"]) == "other-class"
+        assert other["value"] == 2 and other["token"] != made["token"], "another class must never restore it"
+
+        # Two agents of the maker's class restore the maker's snapshot, fetched from object storage.
+        cluster.stop_agent("other-class")
+        cluster.wait_state("other-class", "lost")
+        for i, agent in enumerate(("same-1", "same-2"), start=3):
+            cluster.add_agent(agent)
+            restored = call(cluster, name, i)
+            assert started_on(cluster, name, restored["container"]) == agent
+            assert restored["value"] == i and restored["token"] == made["token"], f"{agent} must restore a copy"
+            assert "Fetched memory snapshot" in cluster.agents[agent].log or "Fetched memory snapshot" in (
+                cluster.control.log_text(name)
+            )
+            cluster.stop_agent(agent)
+            cluster.wait_state(agent, "lost")
+        log = cluster.control.log_text(name)
+        assert log.count(f"started for {name}.work on agent same-") == 2 and "restored in" in log, log
+    finally:
+        cluster.close()
+
+
+def test_an_agent_killed_mid_call_gives_a_retry_elsewhere_or_an_error_naming_it(cluster: Cluster) -> None:
+    first = cluster.add_agent("first")
+    (first.volume("marks")).mkdir(parents=True, exist_ok=True)
+    (first.volume("marks") / "block").write_text("")
+    retried_name = deploy(cluster, retries=1)
+    spawned = cluster.control.python(
+        f"import warmboot; print(warmboot.Function.from_name({retried_name!r}, 'work').spawn(5).object_id)"
+    ).stdout.strip()
+    wait_started(cluster, "first", 5)
+    cluster.add_agent("second")
+    cluster.kill_agent("first")
+    result = json.loads(
+        cluster.control.python(
+            f"import json, warmboot; print(json.dumps(warmboot.FunctionCall.from_id({spawned!r}).get(timeout=120)))"
+        ).stdout.strip()
+    )
+    assert result["value"] == 5 and started_on(cluster, retried_name, result["container"]) == "second"
+    assert "agent first stopped answering" in cluster.control.log_text(retried_name)
+
+    # Without retries the call fails, naming the lost agent.
+    second = cluster.agents["second"]
+    (second.volume("marks") / "block").write_text("")
+    once = deploy(cluster, retries=0)
+    spawned = cluster.control.python(
+        f"import warmboot; print(warmboot.Function.from_name({once!r}, 'work').spawn(6).object_id)"
+    ).stdout.strip()
+    wait_started(cluster, "second", 6)
+    cluster.kill_agent("second")
+    failed = cluster.control.python(
+        f"import warmboot; warmboot.FunctionCall.from_id({spawned!r}).get(timeout=120)", check=False
+    )
+    assert failed.returncode != 0
+    assert "AgentLostError" in failed.stderr and "agent second" in failed.stderr, failed.stderr
+
+
+def test_a_control_plane_restart_mid_call_loses_nothing(cluster: Cluster) -> None:
+    agent = cluster.add_agent("steady")
+    agent.volume("marks").mkdir(parents=True, exist_ok=True)
+    (agent.volume("marks") / "block").write_text("")
+    name = deploy(cluster)
+    spawned = cluster.control.python(
+        f"import warmboot; print(warmboot.Function.from_name({name!r}, 'work').spawn(7).object_id)"
+    ).stdout.strip()
+    wait_started(cluster, "steady", 7)
+    cluster.control.restart_server()
+    cluster.wait_state("steady", "alive")
+    (agent.volume("marks") / "release-7").write_text("")
+    result = json.loads(
+        cluster.control.python(
+            f"import json, warmboot; print(json.dumps(warmboot.FunctionCall.from_id({spawned!r}).get(timeout=120)))"
+        ).stdout.strip()
+    )
+    assert result["value"] == 7
+    # It ran once, on the container that was running it before the restart.
+    assert (agent.volume("marks") / "started-7").read_text() == result["container"]
+    # The restarted control plane places new calls too.
+    (agent.volume("marks") / "block").unlink()
+    assert call(cluster, name, 8)["value"] == 8
+
+
+def test_an_agent_with_a_wrong_token_is_refused(cluster: Cluster) -> None:
+    intruder = cluster.add_agent("intruder", env={"WARMBOOT_JOIN_TOKEN": "not-the-cluster-token-at-all"}, wait=False)
+    assert intruder.process.wait(timeout=60) == 1
+    assert "refused: wrong or missing token" in intruder.log
+    assert "intruder" not in cluster.agent_states()
+
+    # An agent's own API refuses whoever lacks the token it gave the control plane.
+    honest = cluster.add_agent("honest")
+    url = next(line.split("reached as ")[1].rstrip(")") for line in honest.log.splitlines() if "reached as " in line)
+    with pytest.raises(UnauthorizedError):
+        Peer(url, cluster.token, name="agent honest").request(
+            "stop", messages.StopContainer("wc-anything"), messages.Empty, timeout=10
+        )
+
+
+def test_agent_list_shows_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
+    cluster.add_agent("listed")
+    table = cluster.control.cli("agent", "list").stdout
+    assert "listed" in table and "alive" in table
