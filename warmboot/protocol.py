@@ -141,6 +141,12 @@ class AgentList:
 
 
 @dataclass(frozen=True)
+class AgentDrain:
+    name: str
+    undo: bool = False
+
+
+@dataclass(frozen=True)
 class SecretCreate:
     name: str
     values: dict[str, Any]  #: checked by ``validation.environment`` (the message names the bad key)
@@ -220,6 +226,7 @@ REQUESTS: dict[str, type] = {
     "app_stop": AppStop,
     "container_list": ContainerList,
     "agent_list": AgentList,
+    "agent_drain": AgentDrain,
     "secret_create": SecretCreate,
     "secret_list": SecretList,
     "logs": Logs,

@@ -25,7 +25,7 @@ from warmboot.cluster import messages
 from warmboot.errors import ContainerCrashedError, WarmbootError
 from warmboot.protocol import Outcome
 from warmboot.server import restore_slots
-from warmboot.server.apps import APP_DIR, RunningApp
+from warmboot.server.apps import APP_DIR, RunningApp, warm_key
 from warmboot.server.db import Database
 from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.images import ResolvedImage, code_layer, resolve_image
@@ -69,7 +69,7 @@ class LineBuffer:
 @dataclasses.dataclass
 class _Started:
     fc: FunctionContainer
-    warm_key: str  #: ``"<app id>/<pool key>"``
+    pool: str  #: ``"<app id>/<pool key>"``
     launcher: Launcher
     busy: int = 0  #: inputs running on it now
     orphan: bool = False  #: started for an earlier session of the control plane, which no longer knows it
@@ -114,7 +114,8 @@ class AgentHost:
         self.logs = LineBuffer()
         self._lock = threading.Lock()
         self._apps: dict[str, tuple[RunningApp, _AppView]] = {}
-        self._launchers: dict[str, Launcher] = {}
+        self._launchers: dict[str, Launcher] = {}  #: by ``"<app id>/<pool key>"``
+        self._warm_keys: dict[str, str] = {}  #: the same keys -> ``apps.warm_key`` of their pool
         self._images: dict[str, ResolvedImage] = {}
         self._started: dict[str, _Started] = {}
         self._running: dict[str, threading.Event] = {}  #: call id -> set when its outcome is kept
@@ -144,16 +145,17 @@ class AgentHost:
         app, view = self._app(request)
         view.secret_values = dict(request.secret_env)
         variant = app.variant_from_json(request.tag, request.variant)
-        warm_key = f"{request.app_id}/{variant.key}"
+        warm = f"{request.app_id}/{variant.key}"
         with self._lock:
-            launcher = self._launchers.get(warm_key)
+            launcher = self._launchers.get(warm)
         if launcher is None:
             launcher = app.launcher(variant, threading.Event())
             with self._lock:
-                launcher = self._launchers.setdefault(warm_key, launcher)
+                launcher = self._launchers.setdefault(warm, launcher)
+                self._warm_keys[warm] = warm_key(app.record, variant)
         fc = launcher()
         with self._lock:
-            self._started[fc.id] = _Started(fc, warm_key, launcher)
+            self._started[fc.id] = _Started(fc, warm, launcher)
         return messages.ContainerStarted(fc.id, fc.restored_from is not None, time.monotonic() - began, time.time())
 
     def _app(self, request: messages.StartContainer) -> tuple[RunningApp, _AppView]:
@@ -301,16 +303,16 @@ class AgentHost:
     def warm(self) -> list[str]:
         """The pools whose snapshot this machine holds ready to restore (the placement prefers this agent)."""
         with self._lock:
-            launchers = list(self._launchers.items())
-        warm = []
+            launchers = [(self._warm_keys[pool], launcher) for pool, launcher in self._launchers.items()]
+        warm = set()
         for key, launcher in launchers:
             plan = launcher.snapshots
             if plan is None:
                 continue
             record = plan.registry.get(plan.key)
             if record is not None and record.state == "ok":
-                warm.append(key)
-        return warm
+                warm.add(key)
+        return sorted(warm)
 
     def images(self) -> list[str]:
         """Digests of the images this machine holds (placement prefers an agent with the function's image)."""

@@ -123,6 +123,23 @@ def agent_list() -> None:
     console.print(table)
 
 
+@agents.command("drain")
+def agent_drain(
+    name: str = typer.Argument(..., help="The agent's name (as `warmboot agent list` shows it)."),
+    undo: bool = typer.Option(False, "--undo", help="Let the agent take new containers again."),
+) -> None:
+    """Place no new container on an agent (before maintenance); the containers it runs keep serving.
+
+    Examples:
+
+        warmboot agent drain node-3
+
+        warmboot agent drain node-3 --undo
+    """
+    client.request("agent_drain", name=name, undo=undo)
+    console.print(f"Agent [bold]{escape(name)}[/bold] {'takes new containers again' if undo else 'is draining'}")
+
+
 def logs(
     app: str = typer.Argument(..., help="The app's name (or id)."),
     follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new lines as they come."),

@@ -64,7 +64,7 @@ class Heartbeat:
     agent_id: str
     taken_at: float  #: the agent's clock when it listed ``containers`` (compared with ContainerStarted.at)
     containers: list[str]  #: ids of the containers alive on it
-    warm: list[str] = field(default_factory=list)  #: ``"<app id>/<pool key>"`` whose snapshot it holds locally
+    warm: list[str] = field(default_factory=list)  #: ``server.apps.warm_key`` of the snapshots it holds locally
     images: list[str] = field(default_factory=list)  #: image digests it holds locally
     lines: list[ContainerLine] = field(default_factory=list)  #: container output since the last heartbeat
 

@@ -103,6 +103,15 @@ def variant_snapshot_key(base: str, variant: Variant) -> str:
     return hashlib.sha256(material.encode()).hexdigest()[:16] + base[:16]
 
 
+def warm_key(record: AppRecord, variant: Variant) -> str:
+    """What a cluster's placement matches against the snapshots agents hold (``server.cluster.placement``): the
+    app's name, function, parameter values, code and image. Not the app id, which a redeploy of unchanged code
+    changes while its snapshots stay; not the fingerprint, which the agent adds itself."""
+    fspec = record.spec["functions"][variant.tag]
+    values = parameters.variant_id(variant.parameters, None) if variant.parameters is not None else ""
+    return f"{record.name}/{variant.tag}/{values}/{Path(record.code_dir).name}/{fspec.get('image_digest', '')}"
+
+
 def variant_of(key: str, base_keys: set[str]) -> bool:
     """Whether snapshot ``key`` is one of ``base_keys`` or a parameter set's snapshot of one of them."""
     return key in base_keys or key[16:] in {k[:16] for k in base_keys}

@@ -300,12 +300,20 @@ class ControlPlane:
             apps = list(self.apps.values())
         return [{"app": a.record.name, **c} for a in apps for p in list(a.pools.values()) for c in p.describe()]
 
-    def op_agent_list(self, request: protocol.AgentList) -> list[dict[str, Any]]:
+    def _cluster(self) -> ClusterControl:
         if self.cluster is None:
             raise InvalidOptionError(
                 "this server runs its containers itself (no cluster): set WARMBOOT_CLUSTER_LISTEN to let agents join"
             )
-        return self.cluster.book.describe()
+        return self.cluster
+
+    def op_agent_list(self, request: protocol.AgentList) -> list[dict[str, Any]]:
+        return self._cluster().book.describe()
+
+    def op_agent_drain(self, request: protocol.AgentDrain) -> str:
+        if not self._cluster().book.drain(request.name, on=not request.undo):
+            raise NotFoundError(f"no live agent named {request.name!r}; `warmboot agent list` shows them")
+        return request.name
 
     def op_secret_create(self, request: protocol.SecretCreate) -> str:
         validation.name("secret", request.name)

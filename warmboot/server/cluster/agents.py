@@ -63,6 +63,7 @@ class Agent:
     registered_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
     lost: bool = False
+    draining: bool = False  #: takes no new container (``warmboot agent drain``); its containers run on
     placed: dict[str, Placed] = field(default_factory=dict)  #: container id (or reservation) -> what it holds
     alive: set[str] = field(default_factory=set)  #: containers alive at the last heartbeat
     alive_at: float = 0.0  #: the agent's clock when it listed them
@@ -186,6 +187,17 @@ class AgentBook:
         with self.changed:
             return next((a for a in self._agents.values() if a.name == name and not a.lost), None)
 
+    def drain(self, name: str, *, on: bool) -> bool:
+        """Place no new container on agent ``name`` (or again, ``on=False``); False if no such live agent."""
+        with self.changed:
+            agent = next((a for a in self._agents.values() if a.name == name and not a.lost), None)
+            if agent is None:
+                return False
+            agent.draining = on
+            self.changed.notify_all()
+        log.info("agent %s %s", name, "drains: no new containers go there" if on else "takes containers again")
+        return True
+
     def release(self, agent: Agent, key: str) -> None:
         with self.changed:
             agent.placed.pop(key, None)
@@ -203,6 +215,8 @@ class AgentBook:
         out = []
         for name, agent_id, url, fp, cpus, memory_mb, gpus, state, registered_at, last_seen in rows:
             agent = live.get(name)
+            if agent is not None and agent.draining and not agent.lost:
+                state = "draining"
             out.append({
                 "name": name, "agent_id": agent_id, "url": url, "fingerprint": fp, "cpus": cpus,
                 "memory_mb": memory_mb, "gpus": [g for g in gpus.split(",") if g], "state": state,

@@ -23,7 +23,7 @@ class Demand:
     cpu: float = DEFAULT_CPU
     memory_mb: int = DEFAULT_MEMORY_MB
     gpu: str | None = None  #: ``gpu=`` as the function gave it (``"h100:2"``, ``"any"``)
-    warm_key: str = ""  #: ``"<app id>/<pool key>"``: agents that report it hold the snapshot locally
+    warm_key: str = ""  #: ``server.apps.warm_key``: agents that report it hold the snapshot locally
     image: str = ""  #: the image digest
 
     @classmethod

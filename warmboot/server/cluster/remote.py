@@ -29,6 +29,7 @@ from warmboot.errors import (
     WarmbootError,
 )
 from warmboot.protocol import Outcome
+from warmboot.server.apps import warm_key
 from warmboot.server.cluster.agents import Agent, AgentBook, Placed
 from warmboot.server.cluster.placement import Demand, choose, describe_unfit
 from warmboot.worker.gpus import parse_request
@@ -156,7 +157,7 @@ class RemoteLauncher:
         fspec = variant.effective_spec(app.function_spec(variant.tag))
         self.label = f"{app.record.name}.{variant.describe()}"
         self.demand = Demand.from_options(
-            fspec["options"], f"{app.record.app_id}/{variant.key}", fspec.get("image_digest", "")
+            fspec["options"], warm_key(app.record, variant), fspec.get("image_digest", "")
         )
         record = app.record
         self._source = (Path(record.code_dir) / "root" / record.app_file).read_bytes()
@@ -200,7 +201,8 @@ class RemoteLauncher:
                     raise GpuAllocationCancelledError(
                         f"{self.label}: the pool stopped while its start waited for an agent"
                     )
-                agents = [a for a in self._book.live() if a.name not in tried] or self._book.live()
+                open_ = [a for a in self._book.live() if not a.draining]
+                agents = [a for a in open_ if a.name not in tried] or open_
                 candidates = [a.candidate() for a in agents]
                 chosen = choose(self.demand, candidates)
                 if chosen is not None:
