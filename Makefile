@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo demo-engine test lint bench bench-engine bench-sandbox bench-techniques bench-remote soak doctor
+.PHONY: setup demo cluster-demo demo-engine test lint bench bench-engine bench-sandbox bench-techniques bench-remote soak doctor
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,9 @@ test: setup
 lint: setup
 	@$(PY) -m ruff check warmboot tests bench examples
 	@$(PY) -m ruff format --check warmboot tests bench
+
+cluster-demo: setup
+	@$(PY) bench/cluster_demo.py
 
 demo-engine: setup
 	@$(PY) bench/engine_demo.py

@@ -218,3 +218,31 @@ def test_agent_list_shows_the_cluster(cluster: Cluster, tmp_path: Path) -> None:
     cluster.add_agent("listed")
     table = cluster.control.cli("agent", "list").stdout
     assert "listed" in table and "alive" in table
+
+
+WEB_APP = """
+import warmboot as modal
+
+app = modal.App({name!r})
+
+
+@app.function()
+@modal.asgi_app()
+def site():
+    async def asgi(scope, receive, send):
+        await send({{"type": "http.response.start", "status": 200, "headers": []}})
+        await send({{"type": "http.response.body", "body": b"hello"}})
+
+    return asgi
+"""
+
+
+def test_a_web_endpoint_on_a_cluster_is_a_clear_error_not_a_hang(cluster: Cluster) -> None:
+    import httpx
+
+    name = f"clweb-{uuid.uuid4().hex[:6]}"
+    path = cluster.control.write_app(name.replace("-", "_"), WEB_APP.format(name=name))
+    cluster.control.cli("deploy", str(path))
+    response = httpx.get(f"{cluster.control.gateway_url}/{name}-site/", timeout=30)
+    assert response.status_code == 501
+    assert "web endpoints do not run on a cluster yet" in response.text

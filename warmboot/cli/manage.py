@@ -86,17 +86,21 @@ containers = typer.Typer(help="Containers the server is running.", no_args_is_he
 
 @containers.command("list")
 def container_list() -> None:
-    """List running containers with their app, function, host PID and calls served.
+    """List running containers: app, function, host PID (or, in a cluster, agent), inputs running, calls served.
 
     Example:
 
         warmboot container list
     """
     rows = client.request("container_list")
-    table = Table("container", "app", "function", "pid", "calls", "started")
+    clustered = any(r.get("agent") for r in rows)
+    table = Table("container", "app", "function", "agent" if clustered else "pid", "busy", "calls", "started")
     for r in rows:
         function = escape(r["function"])  # a parameter set's values are the user's text, not markup
-        table.add_row(r["id"], r["app"], function, str(r["pid"]), str(r["calls"]), timestamp(r["started_at"]))
+        where = escape(r["agent"] or "") if clustered else str(r["pid"])
+        table.add_row(
+            r["id"], r["app"], function, where, str(r.get("busy", 0)), str(r["calls"]), timestamp(r["started_at"])
+        )
     console.print(table)
 
 

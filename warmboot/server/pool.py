@@ -175,6 +175,8 @@ class FunctionPool:
                     "started_at": r.handle.started_at,
                     "calls": r.handle.calls_served,
                     "pid": r.handle.pid,
+                    "busy": r.slots - r.waiting,  #: inputs it runs now
+                    "agent": agent.name if (agent := getattr(r.handle, "agent", None)) is not None else None,
                 }
                 for r in self._containers.values()
             ]

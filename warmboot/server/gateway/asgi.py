@@ -80,6 +80,16 @@ class Gateway:
             else:
                 await send({"type": "websocket.close", "code": 1008, "reason": "proxy auth token required"})
             return
+        if getattr(self.plane, "cluster", None) is not None:
+            # The gateway speaks to a container's pipes on this machine; a cluster's containers are on agents.
+            if scope["type"] == "http":
+                await error_page(
+                    send, 501, f"{endpoint.label}: web endpoints do not run on a cluster yet (its containers run on "
+                    "agents); serve it from a single-machine warmboot server (no WARMBOOT_CLUSTER_LISTEN)",
+                )  # fmt: skip
+            else:
+                await send({"type": "websocket.close", "code": 1011, "reason": "web endpoints do not run on a cluster"})
+            return
         # The token is for the gateway: it never reaches the app.
         scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k not in (KEY_HEADER, SECRET_HEADER)]}
         submit = self._submitter(endpoint)
