@@ -246,3 +246,29 @@ def test_a_web_endpoint_on_a_cluster_is_a_clear_error_not_a_hang(cluster: Cluste
     response = httpx.get(f"{cluster.control.gateway_url}/{name}-site/", timeout=30)
     assert response.status_code == 501
     assert "web endpoints do not run on a cluster yet" in response.text
+
+
+def test_cancelling_a_call_running_on_an_agent_stops_its_container_there(cluster: Cluster) -> None:
+    agent = cluster.add_agent("runner")
+    agent.volume("marks").mkdir(parents=True, exist_ok=True)
+    (agent.volume("marks") / "block").write_text("")
+    name = deploy(cluster)
+    spawned = cluster.control.python(
+        f"import warmboot; print(warmboot.Function.from_name({name!r}, 'work').spawn(9).object_id)"
+    ).stdout.strip()
+    wait_started(cluster, "runner", 9)
+    container = (agent.volume("marks") / "started-9").read_text()
+    cancelled = cluster.control.python(
+        f"""
+        import warmboot
+        call = warmboot.FunctionCall.from_id({spawned!r})
+        call.cancel()
+        try:
+            call.get(timeout=60)
+        except warmboot.exception.InputCancelledError as exc:
+            print("cancelled:", exc)
+        """
+    )
+    assert "cancelled:" in cancelled.stdout, cancelled.stdout + cancelled.stderr
+    containers = agent.home / "containers"
+    wait_for(f"container {container} gone", lambda: not (containers / container).exists(), watch=containers)

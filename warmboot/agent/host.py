@@ -261,7 +261,10 @@ class AgentHost:
         with self._lock:
             started = self._started.pop(request.container_id, None)
         if started is not None:
-            started.fc.shutdown()
+            if request.kill:
+                started.fc.kill()
+            else:
+                started.fc.shutdown()
         return messages.Empty()
 
     def orphan_all(self) -> None:

@@ -129,6 +129,7 @@ class Outcomes:
 @dataclass(frozen=True)
 class StopContainer:
     container_id: str
+    kill: bool = False  #: at once (a cancelled call's container), not after its @exit hooks
 
 
 @dataclass(frozen=True)

@@ -127,11 +127,19 @@ class RemoteContainer:
         return reply.outcomes
 
     def shutdown(self) -> None:
+        self._stop(kill=False)
+
+    def kill(self) -> None:
+        """Stop it at once (``FunctionCall.cancel()``): its running input ends on the agent too."""
+        self._broken = True
+        self._stop(kill=True)
+
+    def _stop(self, *, kill: bool) -> None:
         self._book.release(self.agent, self.id)
         if self.agent.lost:
             return
         try:
-            self.agent.peer.request("stop", messages.StopContainer(self.id), messages.Empty, timeout=30)
+            self.agent.peer.request("stop", messages.StopContainer(self.id, kill=kill), messages.Empty, timeout=30)
         except WarmbootError as exc:
             log.info("stopping container %s on agent %s: %s", self.id, self.agent.name, exc)
 
