@@ -164,8 +164,14 @@ class AgentHost:
         if known is not None:
             return known
         spec = json.loads(json.dumps(request.spec))
-        for fspec in spec["functions"].values():
+        for tag, fspec in spec["functions"].items():
+            began = time.monotonic()
             fspec["resolved_image"] = self._image(fspec).to_json()
+            if (seconds := time.monotonic() - began) > 0.1:  # it was pulled (or built), not found
+                how = "Pulled" if fspec.get("image_ref") else "Got"
+                self.logs.write(
+                    request.app_name, "warmboot", f"{how} the image of {request.app_name}.{tag} in {seconds:.2f} s"
+                )
         code_dir = code_layer(self.home / "code", request.filename, request.source, APP_DIR)
         record = AppRecord(
             app_id=request.app_id,

@@ -178,7 +178,7 @@ class Peer:
         self._host, self._port = parsed.hostname, parsed.port or 80
         self.token = token
         self.connect_timeout = connect_timeout
-        self._open: set[http.client.HTTPConnection] = set()
+        self._open: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._aborted = False
 
@@ -198,14 +198,20 @@ class Peer:
         ``timeout``: the longest wait for any one frame (None: no limit; :meth:`abort_all` still ends it).
         """
         conn = http.client.HTTPConnection(self._host, self._port, timeout=self.connect_timeout)
-        with self._lock:
-            if self._aborted:
-                raise PeerUnreachableError(f"{self.name} is lost")
-            self._open.add(conn)
+        sock: socket.socket | None = None
+        if self._aborted:
+            raise PeerUnreachableError(f"{self.name} is lost")
         try:
             try:
                 conn.connect()
-                conn.sock.settimeout(timeout)
+                # The socket itself is what an abort shuts down: http.client drops its own reference to it once
+                # the response headers arrive (the response reads on), long before the reply does.
+                sock = conn.sock
+                with self._lock:
+                    if self._aborted:
+                        raise PeerUnreachableError(f"{self.name} is lost")
+                    self._open.add(sock)
+                sock.settimeout(timeout)
                 data = encode(message)
                 conn.request(
                     "POST",
@@ -239,19 +245,21 @@ class Peer:
                         yield kind, decode(payload, reply)
                         return
                     raise PeerUnreachableError(f"{self.name} sent a frame of unknown kind {kind!r}")
+            except WarmbootError:  # the other side's answer (a FunctionTimeoutError is an OSError too)
+                raise
             except (OSError, http.client.HTTPException, msgspec.DecodeError, struct.error) as exc:
                 raise PeerUnreachableError(f"{self.name} at {self.url} did not answer {name}: {exc}") from exc
         finally:
-            with self._lock:
-                self._open.discard(conn)
+            if sock is not None:
+                with self._lock:
+                    self._open.discard(sock)
             conn.close()
 
     def abort_all(self) -> None:
         """End every request in flight (their callers get :class:`PeerUnreachableError`), and refuse new ones."""
         with self._lock:
             self._aborted = True
-            conns = list(self._open)
-        for conn in conns:
-            if conn.sock is not None:
-                with contextlib.suppress(OSError):
-                    conn.sock.shutdown(socket.SHUT_RDWR)
+            socks = list(self._open)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)

@@ -99,7 +99,7 @@ class AgentBook:
         self.changed = threading.Condition()
         self._agents: dict[str, Agent] = {}  #: by agent id
         self._on_lost: list[Callable[[Agent], None]] = []
-        self._on_lines: Callable[[list[messages.ContainerLine]], None] = lambda lines: None
+        self._on_lines: Callable[[str, list[messages.ContainerLine]], None] = lambda agent, lines: None
         self._stop = threading.Event()
         with db_lock:
             db.executescript(_SCHEMA)
@@ -168,7 +168,7 @@ class AgentBook:
             agent.images = frozenset(beat.images)
             self.changed.notify_all()
         if beat.lines:
-            self._on_lines(beat.lines)
+            self._on_lines(agent.name, beat.lines)
         with self._db_lock:
             self._db.execute("UPDATE agents SET last_seen = ? WHERE agent_id = ?", (time.time(), beat.agent_id))
         return messages.HeartbeatReply(known=True)
@@ -230,7 +230,7 @@ class AgentBook:
     def on_lost(self, hook: Callable[[Agent], None]) -> None:
         self._on_lost.append(hook)
 
-    def on_lines(self, sink: Callable[[list[messages.ContainerLine]], None]) -> None:
+    def on_lines(self, sink: Callable[[str, list[messages.ContainerLine]], None]) -> None:
         self._on_lines = sink
 
     def watch(self) -> None:

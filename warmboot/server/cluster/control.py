@@ -89,9 +89,9 @@ class ClusterControl:
             on_call=self.plane.calls.placed,
         )
 
-    def _lines(self, lines: list[messages.ContainerLine]) -> None:
-        for each in lines:
-            self.plane.logs.write(each.app_name, each.source, each.line)
+    def _lines(self, agent: str, lines: list[messages.ContainerLine]) -> None:
+        for each in lines:  # "[warmboot@node-3] ...", "[run wc-... @node-3] ...": which machine said it
+            self.plane.logs.write(each.app_name, f"{each.source}@{agent}", each.line)
 
     # ----- after a restart -----------------------------------------------------------------------------------
 
