@@ -259,13 +259,6 @@ def test_abort_all_refuses_new_requests_of_that_peer_only(listen, service: Servi
     assert peer_to(listener).request("collect", messages.CollectCall("c", 0), messages.Collected).known
 
 
-ABORT_BUG = (
-    "BUG: Peer.abort_all shuts conn.sock, but http.client sets conn.sock to None once a `Connection: close` "
-    "response's header arrives (the socket passes to the response), and the Listener sends that header before "
-    "its handler runs: a request blocked in a handler is never aborted"
-)
-
-
 def test_abort_all_ends_a_request_in_flight_promptly(listen, service: Service) -> None:
     peer = peer_to(listen(service.routes()), name="agent a1")
     frames = streaming(peer, service)  # its handler now waits for service.release
