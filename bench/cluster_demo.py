@@ -45,7 +45,7 @@ AGENTS = ("agent-1", "agent-2", "agent-3")
 SENTENCES = ["what is the meaning of life?"]
 #: Enough sentences that embedding them takes seconds on this machine: the call is still running when its agent
 #: is killed.
-LONG = [f"sentence number {i} of a long batch, about nothing in particular" for i in range(6000)]
+LONG = [f"sentence number {i} of a long batch, about nothing in particular" for i in range(1500)]
 CLUSTER_PORT = 8701
 AGENT_PORT = 8702
 LOST_AFTER_S = "3"
@@ -139,6 +139,14 @@ def started_on(log: Path, since: int) -> str:
     if not starts:
         return "?"
     return starts[-1].split(" on agent ")[1].split(" ")[0]
+
+
+def found(path: Path, since: int, pattern: str) -> str:
+    """The first group of ``pattern`` in the log's lines after line ``since`` ("" if none)."""
+    for line in path.read_text(errors="replace").splitlines()[since:]:
+        if m := re.search(pattern, line):
+            return m.group(1)
+    return ""
 
 
 def line_count(path: Path) -> int:
@@ -269,20 +277,27 @@ def main() -> None:
 
         client.request("agent_drain", name=maker, undo=False)
         fresh_container()
+        events = line_count(app_log)
         remote_s, elsewhere = first_call(f"remote restore ({maker} drained)", call)
-        fetched = wait(
-            "the fetch logged",
-            lambda: [line for line in app_log.read_text().splitlines() if "Fetched memory snapshot" in line],
-        )
-        fetch = re.search(r"in (\d+) ms", fetched[-1]).group(1) + " ms fetch" if fetched else ""
+        wait("the fetch logged", lambda: found(app_log, events, r"Restored .* in (\d+) ms \(.*fetched"))
+        pulled = found(app_log, events, r"Pulled the image of .* in ([\d.]+) s")
+        fetch_ms = found(app_log, events, r"from object storage in (\d+) ms")
+        restore_ms = found(app_log, events, r"Restored .* in (\d+) ms")
+        parts = [
+            f"image pull {pulled} s" if pulled else "image already there",
+            f"snapshot fetch {fetch_ms} ms",
+            f"restore with the fetch {restore_ms} ms",
+        ]
         rows.append(("restore on another agent, fetching the snapshot first (remote)", f"{remote_s:.2f} s",
-                     f"{elsewhere}; {fetch}"))  # fmt: skip
+                     f"{elsewhere}: " + ", ".join(parts)))  # fmt: skip
         client.request("agent_drain", name=maker, undo=True)
 
         # Failover: kill the agent running a long call; the call runs again elsewhere (retries=1).
         fresh_container()
         retrying = embedder.with_options(retries=1)
-        retrying().run.remote(sentences=SENTENCES)  # a warm container for the variant
+        long_s, _ = first_call("the long call, undisturbed (a warm container for the next round)",
+                               lambda: retrying().run.remote(sentences=LONG))  # fmt: skip
+        rows.append((f"the long call ({len(LONG)} sentences) undisturbed", f"{long_s:.2f} s", ""))
         mark = line_count(log)
         call_handle = retrying().run.spawn(sentences=LONG)
 

@@ -762,6 +762,7 @@ class NetnsService:
     address: str
     port: int
     token: str
+    namespace: str  #: its name under /run/netns
 
 
 def _ip(*args: str) -> None:
@@ -812,7 +813,7 @@ def netns_service() -> Iterator[NetnsService]:
         assert line[:1] == ["ready"], (
             f"the netns service failed: {line} {server.stderr.read() if server.stderr else ''}"
         )
-        service = NetnsService(ns_addr, int(line[1]), token)
+        service = NetnsService(ns_addr, int(line[1]), token, ns)
         # The service is reachable from the host's namespace (where slirp4netns makes a container's connections).
         assert escapes.connect_for_token(ns_addr, service.port, token) == "token"
         yield service
@@ -923,6 +924,10 @@ def test_no_network_during_the_snapshot_phase_and_outbound_network_after_start(
     restored = _call_method(platform, app, "SnapNet", "report")
     assert _restored_ids(platform, f"{app}.SnapNet") == [restored["container"]], platform.log_text(app)[-3000:]
     assert restored["after_start"] == "token", f"a restored copy must have outbound network: {restored}"
+    # Attaching a container's network touched no host mount: the namespace `ip netns add` keeps is still there
+    # (slirp4netns's sandbox once unmounted it, and every shared submount, at each container start).
+    mounts = Path("/proc/self/mountinfo").read_text()
+    assert f" /run/netns/{netns_service.namespace} " in mounts, "a container start unmounted a host mount"
 
 
 def test_block_network_means_no_network_at_all(platform: Platform, netns_service: NetnsService) -> None:

@@ -153,10 +153,12 @@ class AgentHost:
             with self._lock:
                 launcher = self._launchers.setdefault(warm, launcher)
                 self._warm_keys[warm] = warm_key(app.record, variant)
-        fc = launcher()
+        fc = launcher(may_snapshot=request.may_snapshot)
         with self._lock:
             self._started[fc.id] = _Started(fc, warm, launcher)
-        return messages.ContainerStarted(fc.id, fc.restored_from is not None, time.monotonic() - began, time.time())
+        return messages.ContainerStarted(
+            fc.id, fc.restored_from is not None, time.monotonic() - began, time.time(), fc.made_snapshot
+        )
 
     def _app(self, request: messages.StartContainer) -> tuple[RunningApp, _AppView]:
         with self._lock:

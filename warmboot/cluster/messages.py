@@ -87,7 +87,8 @@ class StartContainer:
     tag: str
     variant: str | None  #: ``apps.Variant.to_json()`` (parameters, overrides), None for the deployed pool
     secret_env: dict[str, str]  #: the function's secrets' values now (secrets live in the control plane)
-    reseed: bool = True
+    #: Whether a cold boot may make the snapshot: one agent of a fingerprint class at a time makes it
+    may_snapshot: bool = True
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,7 @@ class ContainerStarted:
     restored: bool
     seconds: float
     at: float  #: the agent's clock when the container was ready (a later heartbeat must list it, or it died)
+    made_snapshot: bool = False  #: its cold boot made the function's snapshot for the agent's class
 
 
 @dataclass(frozen=True)

@@ -78,11 +78,15 @@ class Launcher:
         #: .start_still_needed``, wired by the app when it makes the pool).
         self.still_needed: Callable[[], bool] = lambda: True
 
-    def __call__(self) -> FunctionContainer:
-        """A started container, ready for inputs (holding GPUs of its own, for a gpu= function)."""
+    def __call__(self, *, may_snapshot: bool = True) -> FunctionContainer:
+        """A started container, ready for inputs (holding GPUs of its own, for a gpu= function).
+
+        ``may_snapshot=False``: a cold boot makes no snapshot (a cluster's control plane lets one agent of a
+        fingerprint class make it at a time: ``server.cluster.remote``).
+        """
         plan = self._make_plan()
         if self.gpus is None:
-            return self._launch(plan)
+            return self._launch(plan, may_snapshot)
         kind, count = gpu_devices.parse_request(self.gpus.request)
         allocation = self.gpus.allocator.acquire(
             kind,
@@ -91,14 +95,14 @@ class Launcher:
             on_wait=lambda: self._event(f"{self.label} waits for {count} free GPU(s) of type {kind!r}"),
         )
         try:
-            fc = self._launch(dataclasses.replace(plan, gpus=allocation.inventory))
+            fc = self._launch(dataclasses.replace(plan, gpus=allocation.inventory), may_snapshot)
         except BaseException:
             allocation.release()
             raise
         fc.on_finished(allocation.release)  # whenever it is killed: shutdown, crash, timeout, pool stop
         return fc
 
-    def _launch(self, plan: LaunchPlan) -> FunctionContainer:
+    def _launch(self, plan: LaunchPlan, may_snapshot: bool = True) -> FunctionContainer:
         snap = self.snapshots
         chosen_cold = snap is not None and not self._should_restore(snap)
         if snap is not None and not chosen_cold and (restored := self._restore(plan, snap)) is not None:
@@ -109,13 +113,14 @@ class Launcher:
         try:
             fc.boot(snapshot_phase=snap is not None)
             booted = time.monotonic()
-            if snap is not None and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag):
+            if snap is not None and may_snapshot and snap.registry.claim_creation(snap.key, snap.app_name, snap.tag):
                 if not self._make_snapshot(fc, snap):
                     # The dump failed in a way that leaves this container's state unknown (CRIU hung and was
                     # killed): boot another one. The key is 'failed' now, so that one does not try again.
                     fc.kill()
-                    return self._launch(plan)
+                    return self._launch(plan, may_snapshot)
                 snapshot_seconds = time.monotonic() - booted
+                fc.made_snapshot = True
             fc.start(self._start_env())
         except BaseException:
             fc.kill()

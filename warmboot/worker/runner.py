@@ -129,6 +129,7 @@ class FunctionContainer:
         self.started_at = time.time()
         self.calls_served = 0
         self.restored_from: str | None = None
+        self.made_snapshot = False  #: this cold boot made its function's snapshot (set by the launcher)
         self.timings: dict[str, float] = {}  #: milliseconds per phase of this container's start
         self._groups: cgroups.Groups | None = None
         self._network: network.Network | None = None

@@ -98,6 +98,7 @@ class AgentBook:
         self.lost_after_s = lost_after_s
         self.changed = threading.Condition()
         self._agents: dict[str, Agent] = {}  #: by agent id
+        self._snapshotting: set[tuple[str, str]] = set()  #: (warm key, fingerprint class) a start may snapshot
         self._on_lost: list[Callable[[Agent], None]] = []
         self._on_lines: Callable[[str, list[messages.ContainerLine]], None] = lambda agent, lines: None
         self._stop = threading.Event()
@@ -165,6 +166,7 @@ class AgentBook:
             agent.alive = set(beat.containers)
             agent.alive_at = beat.taken_at
             agent.warm = frozenset(beat.warm)
+            self._snapshotting -= {(key, agent.fingerprint) for key in agent.warm}  # made: held from now on
             agent.images = frozenset(beat.images)
             self.changed.notify_all()
         if beat.lines:
@@ -186,6 +188,22 @@ class AgentBook:
     def by_name(self, name: str) -> Agent | None:
         with self.changed:
             return next((a for a in self._agents.values() if a.name == name and not a.lost), None)
+
+    def claim_snapshot(self, warm_key: str, fingerprint: str) -> bool:
+        """Whether a cold boot of this function on an agent of this class may make the class's snapshot: one at
+        a time, and none while an agent of the class reports holding it."""
+        with self.changed:
+            claim = (warm_key, fingerprint)
+            if claim in self._snapshotting or any(
+                warm_key in a.warm for a in self._agents.values() if a.fingerprint == fingerprint and not a.lost
+            ):
+                return False
+            self._snapshotting.add(claim)
+            return True
+
+    def release_snapshot(self, warm_key: str, fingerprint: str) -> None:
+        with self.changed:
+            self._snapshotting.discard((warm_key, fingerprint))
 
     def drain(self, name: str, *, on: bool) -> bool:
         """Place no new container on agent ``name`` (or again, ``on=False``); False if no such live agent."""

@@ -176,8 +176,14 @@ class RemoteLauncher:
         for _ in range(START_ATTEMPTS):
             agent, key = self._reserve(tried)
             began = time.monotonic()
+            # The first agent of its class to boot the function makes the class's snapshot; others boot plain.
+            may_snapshot = self._book.claim_snapshot(self.demand.warm_key, agent.fingerprint)
+            made = False
             try:
-                started = agent.peer.request("start", self._start_request(), messages.ContainerStarted, timeout=None)
+                started = agent.peer.request(
+                    "start", self._start_request(may_snapshot), messages.ContainerStarted, timeout=None
+                )
+                made = started.made_snapshot
             except PeerUnreachableError as exc:
                 self._book.release(agent, key)
                 tried.add(agent.name)
@@ -187,6 +193,10 @@ class RemoteLauncher:
             except BaseException:
                 self._book.release(agent, key)
                 raise
+            finally:
+                # A snapshot made is claimed until the agent's heartbeat reports holding it (agents.heartbeat).
+                if may_snapshot and not made:
+                    self._book.release_snapshot(self.demand.warm_key, agent.fingerprint)
             fc = RemoteContainer(self._book, agent, started, self._on_call)
             with self._book.changed:
                 reserved = agent.placed.pop(key, None)
@@ -227,7 +237,7 @@ class RemoteLauncher:
                     logged = why
                 self._book.changed.wait()
 
-    def _start_request(self) -> messages.StartContainer:
+    def _start_request(self, may_snapshot: bool) -> messages.StartContainer:
         record = self._app.record
         return messages.StartContainer(
             app_id=record.app_id,
@@ -239,4 +249,5 @@ class RemoteLauncher:
             tag=self._variant.tag,
             variant=self._variant.to_json() if self._variant.key != self._variant.tag else None,
             secret_env=self._secret_env(),
+            may_snapshot=may_snapshot,
         )

@@ -38,6 +38,16 @@ class Network:
         try:
             self._proc = subprocess.Popen(
                 [
+                    # A mount namespace of its own, receiving the host's mount events but never sending any:
+                    # slirp4netns's sandbox makes only "/" private (not its submounts) before it pivots and
+                    # detaches the old root, so the unmounts of the host's shared submounts (the network
+                    # namespaces `ip netns add` keeps in /run/netns, for one) propagated back and the host lost
+                    # them at every container start.
+                    "unshare",
+                    "--mount",
+                    "--propagation",
+                    "slave",
+                    "--",
                     binary,
                     "--configure",
                     "--mtu=65520",
