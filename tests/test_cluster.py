@@ -272,3 +272,38 @@ def test_cancelling_a_call_running_on_an_agent_stops_its_container_there(cluster
     assert "cancelled:" in cancelled.stdout, cancelled.stdout + cancelled.stderr
     containers = agent.home / "containers"
     wait_for(f"container {container} gone", lambda: not (containers / container).exists(), watch=containers)
+
+
+def test_one_agent_of_a_class_makes_the_snapshot_when_two_boot_at_once(cluster: Cluster) -> None:
+    for agent in ("twin-a", "twin-b"):
+        marks = cluster.add_agent(agent).volume("marks")
+        marks.mkdir(parents=True, exist_ok=True)
+        (marks / "block").write_text("")  # each call waits: the second one needs a second container
+    name = deploy(cluster)
+    ids = cluster.control.python(
+        f"""
+        import warmboot
+        f = warmboot.Function.from_name({name!r}, "work")
+        print(f.spawn(1).object_id, f.spawn(2).object_id)
+        """
+    ).stdout.split()
+    volumes = [cluster.agents[a].volume("marks") for a in ("twin-a", "twin-b")]
+    wait_for(
+        "both calls running, one container each",  # the heartbeats' writes to the control plane's state wake it
+        lambda: all(any((v / f"started-{x}").exists() for v in volumes) for x in (1, 2)),
+        watch=cluster.control.home,
+    )
+    for agent in ("twin-a", "twin-b"):
+        for x in (1, 2):
+            (cluster.agents[agent].volume("marks") / f"release-{x}").write_text("")
+    get = f"[warmboot.FunctionCall.from_id(i).get(timeout=120) for i in {ids!r}]"
+    results = json.loads(cluster.control.python(f"import json, warmboot; print(json.dumps({get}))").stdout.strip())
+    agents = {started_on(cluster, name, r["container"]) for r in results}
+    assert agents == {"twin-a", "twin-b"}, "the two calls ran on the two agents"
+    log = lambda: cluster.control.log_text(name)  # noqa: E731
+    wait_for(
+        "both agents' starts forwarded",
+        lambda: log().count(f"started for {name}.work (cold boot") == 2,
+        watch=cluster.control.home / "logs",
+    )
+    assert log().count("Creating memory snapshot") == 1, log()
