@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo cluster-demo demo-engine test lint bench bench-engine bench-sandbox bench-techniques bench-remote soak doctor
+.PHONY: setup demo cluster-demo demo-engine test lint bench bench-engine bench-sandbox bench-techniques bench-remote bench-cluster soak doctor
 
 setup:
 	@bash scripts/setup.sh
@@ -37,6 +37,9 @@ bench-techniques: setup
 
 bench-remote: setup
 	@$(PY) bench/remote_restore.py
+
+bench-cluster: setup
+	@$(PY) bench/cluster.py
 
 bench-sandbox: setup
 	@$(PY) bench/sandbox_choice.py

@@ -15,7 +15,6 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -291,10 +290,8 @@ def test_a_peer_nobody_answers_is_unreachable_quickly(listen, service: Service) 
 class Control:
     """An AgentBook behind a Listener wired as ``ClusterControl`` wires it; ``lost`` records each loss."""
 
-    def __init__(self, db_path: Path) -> None:
-        self.book = AgentBook(
-            Database.sqlite(db_path), threading.Lock(), JOIN, heartbeat_s=HEARTBEAT_S, lost_after_s=LOST_AFTER_S
-        )
+    def __init__(self, db: Database) -> None:
+        self.book = AgentBook(db, threading.Lock(), JOIN, heartbeat_s=HEARTBEAT_S, lost_after_s=LOST_AFTER_S)
         book = self.book
         self.listener = Listener(
             "127.0.0.1",
@@ -329,8 +326,9 @@ class Control:
 
 
 @pytest.fixture
-def control(tmp_path: Path) -> Iterator[Control]:
-    c = Control(tmp_path / "state.db")
+def control(open_db: Callable[[], Database]) -> Iterator[Control]:
+    """On SQLite and on PostgreSQL (the ``agents`` table is state like any other)."""
+    c = Control(open_db())
     yield c
     c.book.stop()
     stop_soon(c.listener)

@@ -503,6 +503,27 @@ def test_calls_survive_a_restart_running_ones_end_and_queued_ones_come_back(
     assert fetched.outcome == Outcome(ok=True, value=b"42")
 
 
+def test_a_cluster_collects_spawned_calls_that_were_running_on_an_agent(open_db: Callable[[], Database]) -> None:
+    book = _book(open_db)
+    target = Target(tag="f", app_name="app")
+    on_agent = book.accept(target, "ap-1", b"a", detached=True)
+    remote = book.accept(target, "ap-1", b"b", detached=False)  # .remote(): its caller left with the old process
+    local = book.accept(target, "ap-1", b"c", detached=True)  # running, but never sent to an agent
+    for call in (on_agent, remote, local):
+        call.started()
+    book.placed(on_agent.call_id, "node-2")
+    book.placed(remote.call_id, "node-2")
+
+    collected: list[tuple[str, str]] = []
+    after = _book(open_db)
+    requeued, interrupted = after.recover(
+        ServerRestartedError("restarted"), collect=lambda call, agent: collected.append((call.call_id, agent))
+    )
+    assert collected == [(on_agent.call_id, "node-2")] and requeued == []
+    assert sorted(c.call_id for c in interrupted) == sorted([remote.call_id, local.call_id])
+    assert after.get(on_agent.call_id).outcome is None  # not ended: its agent gives the outcome
+
+
 def test_delivered_calls_are_forgotten_and_results_expire(open_db: Callable[[], Database]) -> None:
     book = _book(open_db)
     target = Target(tag="f", app_name="app")

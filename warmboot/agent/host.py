@@ -44,7 +44,7 @@ log = logging.getLogger("warmboot.agent")
 
 #: Outcomes kept for a restarted control plane to collect (``CollectCall``), newest last.
 KEEP_OUTCOMES = 10_000
-#: Container output lines held for the next heartbeat at most; older ones are dropped (and counted).
+#: Container output lines held for the next heartbeat at most; past that the oldest are dropped.
 MAX_PENDING_LINES = 20_000
 
 

@@ -64,6 +64,9 @@ class Agent:
     last_seen: float = field(default_factory=time.monotonic)
     lost: bool = False
     draining: bool = False  #: takes no new container (``warmboot agent drain``); its containers run on
+    #: A request to it just failed (a dropped connection): no new container goes there until it heartbeats again,
+    #: so that a retry is not sent to a machine that is dying before the silence marks it lost.
+    suspect: bool = False
     placed: dict[str, Placed] = field(default_factory=dict)  #: container id (or reservation) -> what it holds
     alive: set[str] = field(default_factory=set)  #: containers alive at the last heartbeat
     alive_at: float = 0.0  #: the agent's clock when it listed them
@@ -163,6 +166,7 @@ class AgentBook:
             if agent is None or agent.lost:
                 return messages.HeartbeatReply(known=False)
             agent.last_seen = time.monotonic()
+            agent.suspect = False
             agent.alive = set(beat.containers)
             agent.alive_at = beat.taken_at
             agent.warm = frozenset(beat.warm)
@@ -215,6 +219,11 @@ class AgentBook:
             self.changed.notify_all()
         log.info("agent %s %s", name, "drains: no new containers go there" if on else "takes containers again")
         return True
+
+    def suspect(self, agent: Agent) -> None:
+        """A request to ``agent`` failed: place nothing there until its next heartbeat."""
+        with self.changed:
+            agent.suspect = True
 
     def release(self, agent: Agent, key: str) -> None:
         with self.changed:
@@ -271,7 +280,7 @@ class AgentBook:
             placed = len(agent.placed)
             agent.placed.clear()
             self.changed.notify_all()
-        log.warning("agent %s is lost: %s; %d container(s) on it are gone", agent.name, why, placed)
+        log.warning("agent %s is lost: %s; %d container(s) still placed on it are gone", agent.name, why, placed)
         agent.peer.abort_all()  # its calls in flight end now (retried elsewhere, or failed naming it)
         with self._db_lock:
             self._db.execute("UPDATE agents SET state = 'lost' WHERE agent_id = ?", (agent.agent_id,))

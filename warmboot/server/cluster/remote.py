@@ -109,6 +109,7 @@ class RemoteContainer:
                     reply: messages.Outcomes = body
         except PeerUnreachableError as exc:
             self._broken = True
+            self._book.suspect(self.agent)
             why = "it is lost" if self.agent.lost else str(exc)
             raise AgentLostError(
                 f"agent {self.agent.name} stopped answering while container {self.id} ran call "
@@ -169,6 +170,7 @@ class RemoteLauncher:
         )
         record = app.record
         self._source = (Path(record.code_dir) / "root" / record.app_file).read_bytes()
+        self._waiting_why = ""  #: what the last start that waited for an agent logged (under the book's lock)
 
     def __call__(self) -> RemoteContainer:
         tried: set[str] = set()
@@ -186,6 +188,7 @@ class RemoteLauncher:
                 made = started.made_snapshot
             except PeerUnreachableError as exc:
                 self._book.release(agent, key)
+                self._book.suspect(agent)
                 tried.add(agent.name)
                 last = exc
                 self._app.event(f"Agent {agent.name} did not start a container for {self.label}: {exc}")
@@ -212,18 +215,19 @@ class RemoteLauncher:
 
     def _reserve(self, tried: set[str]) -> tuple[Agent, str]:
         """An agent with room for one more container (waiting for one while none has), with the room taken."""
-        logged = ""
         with self._book.changed:
             while True:
                 if self._stopped.is_set():
                     raise GpuAllocationCancelledError(
                         f"{self.label}: the pool stopped while its start waited for an agent"
                     )
-                open_ = [a for a in self._book.live() if not a.draining]
+                live = self._book.live()
+                open_ = [a for a in live if not a.draining and not a.suspect]
                 agents = [a for a in open_ if a.name not in tried] or open_
                 candidates = [a.candidate() for a in agents]
                 chosen = choose(self.demand, candidates)
                 if chosen is not None:
+                    self._waiting_why = ""
                     agent = next(a for a in agents if a.name == chosen.name)
                     gpus: list[int] = []
                     if self.demand.gpu:
@@ -232,9 +236,11 @@ class RemoteLauncher:
                     agent.placed[key] = Placed(self.demand, gpus)
                     return agent, key
                 why = describe_unfit(self.demand, candidates)
-                if why != logged:
+                if live and not open_:
+                    why = "every agent is draining or has just stopped answering: " + ", ".join(a.name for a in live)
+                if why != self._waiting_why:  # once for all of this function's starts that wait for the same reason
                     self._app.event(f"{self.label} waits for an agent: {why}")
-                    logged = why
+                    self._waiting_why = why
                 self._book.changed.wait()
 
     def _start_request(self, may_snapshot: bool) -> messages.StartContainer:
