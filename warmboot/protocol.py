@@ -141,6 +141,11 @@ class AgentList:
 
 
 @dataclass(frozen=True)
+class DashboardUrl:
+    renew: bool = False  #: a new login token first (the old URL and cookies stop working)
+
+
+@dataclass(frozen=True)
 class AgentDrain:
     name: str
     undo: bool = False
@@ -227,6 +232,7 @@ REQUESTS: dict[str, type] = {
     "container_list": ContainerList,
     "agent_list": AgentList,
     "agent_drain": AgentDrain,
+    "dashboard_url": DashboardUrl,
     "secret_create": SecretCreate,
     "secret_list": SecretList,
     "logs": Logs,

@@ -14,7 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from warmboot.cli import deploy, doctor, manage, run, snapshots, web
+from warmboot.cli import dashboard, deploy, doctor, manage, run, snapshots, web
 from warmboot.errors import WarmbootError
 
 HELP = """\
@@ -35,6 +35,7 @@ COMMANDS: list[tuple[str, Callable[..., Any]]] = [
     ("deploy", deploy.deploy),
     ("serve", web.serve),
     ("logs", manage.logs),
+    ("dashboard", dashboard.dashboard),
     ("doctor", doctor.doctor),
 ]
 # (name, sub-app) of every command group, e.g. `warmboot app list`.

@@ -71,6 +71,9 @@ class Call:
     #: Serves the input on the container itself instead of a function call: a web request (``server.gateway``),
     #: given the container and the function's timeout. Such calls live in memory only (their client is a socket).
     run: Callable[[Any, float], Outcome] | None = field(default=None, repr=False)
+    #: How the container that ran its last attempt had started (cold, restore, warm), and its id (the call log).
+    start_kind: str | None = None
+    container_id: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _on_start: list[Callable[[Call], None]] = field(default_factory=list, repr=False)

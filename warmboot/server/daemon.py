@@ -34,11 +34,12 @@ from warmboot.errors import (
     UnsupportedOptionError,
     WarmbootError,
 )
+from warmboot.server import call_log, restore_slots
 from warmboot.server import deploy as deploys
-from warmboot.server import restore_slots
 from warmboot.server import scheduler as schedules
 from warmboot.server.api import ApiServer
 from warmboot.server.apps import RunningApp, variant_of
+from warmboot.server.call_log import CallLog
 from warmboot.server.calls import Call, CallBook
 from warmboot.server.cluster.control import ClusterControl
 from warmboot.server.db import Database
@@ -74,6 +75,7 @@ class ControlPlane:
         self.snapshots = SnapshotRegistry(self.state.connection, self.state.lock, store)
         self.calls = CallBook(self.state.connection, self.state.lock)
         self.starts = StartLog(self.state.connection, self.state.lock)  #: each start's times (server.start_log)
+        self.call_log = CallLog(self.state.connection, self.state.lock)  #: finished calls, for the dashboard
         self.apps: dict[str, RunningApp] = {}
         #: How many restores run at once on this host, for every app's pools (server.restore_slots).
         self.restore_slots = RestoreSlots(restore_slots.max_parallel_from_env())
@@ -210,12 +212,20 @@ class ControlPlane:
         variant = app.variant(target.tag, target.parameters, target.options)
         recorded = variant.to_json() if variant.key != variant.tag else None
         call = self.calls.accept(target, app.record.app_id, args, detached=detached, on_item=on_item, variant=recorded)
+        app_name = app.record.name
+        call.when_done(lambda done: self._log_call(done, app_name))
         try:
             app.submit(variant, call)
         except (NotFoundError, UnsupportedOptionError) as exc:  # no pool for it (too many variants busy)
             call.fail(exc)  # recorded: it must end, not wait in the database forever
             raise
         return call
+
+    def _log_call(self, call: Call, app_name: str) -> None:
+        try:
+            self.call_log.record(call_log.entry_for(call, app_name))
+        except Exception:  # the dashboard's history must never fail a call
+            log.exception("recording call %s in the call log", call.call_id)
 
     def _enqueue(self, call: Call) -> None:
         """Queue a recovered call on its app's pool, or end it if the app is gone."""
@@ -431,6 +441,13 @@ class ControlPlane:
         (self.home / "gateway.url").write_text(self.gateway.base_url + "\n")
         log.info("HTTP gateway listening on %s%s", self.gateway.base_url,
                  " (every endpoint needs a proxy auth token)" if self.web.require_all else "")  # fmt: skip
+
+    def op_dashboard_url(self, request: protocol.DashboardUrl) -> str:
+        """The dashboard's URL with its login token (a new token first, with ``renew``)."""
+        if self.gateway is None:
+            raise ServerError(f"the HTTP gateway, which serves the dashboard, is not running: {self._gateway_error}")
+        token = self.web.dashboard.auth.renew() if request.renew else self.web.dashboard.auth.token
+        return f"{self.gateway.base_url}/_dashboard/?token={token}"
 
     def op_server_stop(self, request: protocol.ServerStop) -> None:
         threading.Thread(target=self.shutdown, daemon=True).start()

@@ -412,7 +412,9 @@ class FunctionPool:
                     self._cond.notify()
                 return
             calls = self._gather_batch(call) if self.settings.batch_size > 1 else [call]
+            kind = start_kind(fc)
             for each in calls:
+                each.start_kind, each.container_id = kind, fc.id
                 each.started()
             self._mark_running(calls, fc)
             began = time.monotonic()
@@ -574,6 +576,14 @@ class FunctionPool:
             stop = getattr(container, "kill", None) or container.shutdown
             stop()
         return True
+
+
+def start_kind(handle: ContainerHandle) -> str:
+    """How a container's next input finds it: ``warm`` once it has served one, else how it started."""
+    if handle.calls_served > 0:
+        return "warm"
+    restored = getattr(handle, "restored_from", None) or getattr(handle, "restored", False)
+    return "restore" if restored else "cold"
 
 
 def _after(seconds: float, action: Callable[[], None]) -> None:

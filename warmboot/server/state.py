@@ -152,6 +152,14 @@ class State:
             )
         ]
 
+    def recent_stopped_apps(self, limit: int) -> list[dict[str, Any]]:
+        """Apps stopped most recently (the dashboard's history)."""
+        rows = self._rows(
+            "SELECT name, version, stopped_at FROM apps WHERE state = 'stopped' ORDER BY stopped_at DESC LIMIT ?",
+            limit,
+        )
+        return [{"name": n, "version": v, "stopped_at": t} for n, v, t in rows]
+
     def stop_app(self, app_id: str) -> None:
         self._rows("UPDATE apps SET state = 'stopped', stopped_at = ? WHERE app_id = ?", time.time(), app_id)
 

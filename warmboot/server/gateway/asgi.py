@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from warmboot.errors import NotFoundError, WarmbootError
 from warmboot.protocol import Outcome
 from warmboot.server.calls import Call
+from warmboot.server.dashboard.app import Dashboard
 from warmboot.server.gateway import exchange, proxy
 from warmboot.server.gateway.routes import Endpoint, RouteTable
 from warmboot.server.gateway.tokens import KEY_HEADER, SECRET_HEADER, ProxyTokens
@@ -51,9 +52,13 @@ class Gateway:
         self.routes = RouteTable()
         self.domain = domain  #: host names ``<label>.<domain>`` name an endpoint
         self.require_all = require_all  #: bound beyond loopback without WARMBOOT_GATEWAY_ALLOW_PUBLIC: every endpoint
+        self.dashboard = Dashboard(plane)  #: under /_dashboard, with its own login token
 
     async def __call__(self, scope: dict[str, Any], receive: exchange.Receive, send: exchange.Send) -> None:
         if scope["type"] == "lifespan":
+            return
+        if Dashboard.handles(scope.get("path", "")):  # no endpoint label starts with "_"
+            await self.dashboard(scope, receive, send)
             return
         label, path, root_path = self._route(scope)
         endpoint = self.routes.lookup(label, self.plane.apps) if label else None
