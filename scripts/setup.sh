@@ -19,10 +19,12 @@ fi
 #   unpacks zstd-compressed layers; the tests serve images from Debian's docker-registry (the CNCF distribution
 #   server) on loopback. Its package would also start a registry on :5000 for every interface, so a registry
 #   service installed here is stopped and disabled again: warmboot only runs its own, on loopback.
-# - the W4 benchmark: wrk loads the HTTP gateway (a Python client would be the bottleneck, not the server).
+# - the W4 benchmark: wrk loads the HTTP gateway (a Python client would be the bottleneck, not the server);
+# - the dashboard's tests drive Debian's Chromium, headless, through its chromedriver (Selenium).
 need_apt=()
 for pair in unshare:util-linux mount:mount slirp4netns:slirp4netns ip:iproute2 mmdebstrap:mmdebstrap \
-  bwrap:bubblewrap skopeo:skopeo zstd:zstd docker-registry:docker-registry wrk:wrk; do
+  bwrap:bubblewrap skopeo:skopeo zstd:zstd docker-registry:docker-registry wrk:wrk chromium:chromium \
+  chromedriver:chromium-driver; do
   command -v "${pair%%:*}" >/dev/null || need_apt+=("${pair#*:}")
 done
 if [ ${#need_apt[@]} -gt 0 ]; then
