@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup demo cluster-demo demo-engine test lint bench bench-engine bench-sandbox bench-techniques bench-remote bench-cluster soak doctor
+.PHONY: setup demo cluster-demo dashboard-screenshot demo-engine test lint bench bench-engine bench-sandbox bench-techniques bench-remote bench-cluster soak doctor
 
 setup:
 	@bash scripts/setup.sh
@@ -18,6 +18,9 @@ test: setup
 lint: setup
 	@$(PY) -m ruff check warmboot tests bench examples
 	@$(PY) -m ruff format --check warmboot tests bench
+
+dashboard-screenshot: setup
+	@$(PY) bench/dashboard_screenshot.py
 
 cluster-demo: setup
 	@$(PY) bench/cluster_demo.py

@@ -144,6 +144,13 @@ class State:
             raise NotFoundError(f"no deployed app named {name!r}; deploy it with `warmboot deploy FILE`")
         return self._app(rows[0])
 
+    def latest_app(self, name: str) -> AppRecord:
+        """The newest app of that name, running or stopped (the dashboard shows a stopped app's history too)."""
+        rows = self._rows(f"SELECT {self._APP_COLS} FROM apps WHERE name = ? ORDER BY created_at DESC LIMIT 1", name)
+        if not rows:
+            raise NotFoundError(f"no app named {name!r} was ever deployed or run here")
+        return self._app(rows[0])
+
     def running_apps(self) -> list[AppRecord]:
         return [
             self._app(r)

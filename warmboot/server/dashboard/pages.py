@@ -91,7 +91,7 @@ def apps_page(data: dict[str, list[dict[str, Any]]]) -> str:
     )  # fmt: skip
     stopped = table(
         ["app", "version", "stopped"],
-        ([h(a["name"]), h(a["version"]), h(when(a["stopped_at"]))] for a in data["stopped"]),
+        ([link(a["name"], "apps", a["name"]), h(a["version"]), h(when(a["stopped_at"]))] for a in data["stopped"]),
         ident="stopped-apps",
     )
     empty = "<p class='muted'>No app is running: <code>warmboot deploy app.py</code> deploys one.</p>"

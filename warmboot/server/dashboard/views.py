@@ -42,10 +42,16 @@ def apps(plane: ControlPlane) -> dict[str, list[dict[str, Any]]]:
 
 
 def app(plane: ControlPlane, name: str) -> dict[str, Any]:
+    """A running app, or else the newest stopped one of that name (its calls and snapshots stay worth seeing)."""
     found = next((a for a in plane.op_app_list(protocol.AppList()) if a["name"] == name), None)
-    if found is None:
-        raise NotFoundError(f"no running app named {name!r}")
-    record = plane.running_app(app_id=found["app_id"]).record
+    if found is not None:
+        record = plane.running_app(app_id=found["app_id"]).record
+    else:
+        record = plane.state.latest_app(name)
+        found = {
+            "app_id": record.app_id, "name": record.name, "state": record.state, "version": record.version,
+            "created_at": record.created_at, "functions": list(record.spec["functions"]), "containers": 0,
+        }  # fmt: skip
     functions = []
     for tag, fspec in record.spec["functions"].items():
         calls = function_calls(plane, name, tag, limit=1000)
@@ -59,7 +65,7 @@ def app(plane: ControlPlane, name: str) -> dict[str, Any]:
                 "last_call": calls[0].finished_at if calls else None,
             }
         )
-    return {**found, "functions_detail": functions, "app_file": record.app_file}
+    return {**found, "functions_detail": functions, "app_file": record.app_file, "record": record}
 
 
 def function_calls(plane: ControlPlane, app_name: str, tag: str, limit: int = 200) -> list[LoggedCall]:
@@ -71,8 +77,7 @@ def function_calls(plane: ControlPlane, app_name: str, tag: str, limit: int = 20
 
 
 def function(plane: ControlPlane, app_name: str, tag: str) -> FunctionView:
-    details = app(plane, app_name)
-    record = plane.running_app(app_id=details["app_id"]).record
+    record = app(plane, app_name)["record"]
     fspec = record.spec["functions"].get(tag)
     if fspec is None:
         raise NotFoundError(f"app {app_name!r} has no function {tag!r}")
