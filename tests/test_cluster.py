@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_helpers import Cluster
+from cluster_helpers import AgentProcess, Cluster
 from platform_helpers import wait_for
 from registry_helpers import Registry
 from s3_helpers import s3_server  # noqa: F401 - the session's S3 server
@@ -81,6 +81,21 @@ def started_on(cluster: Cluster, name: str, container: str) -> str:
     raise AssertionError(f"no start of {container} in the log:\n{cluster.control.log_text(name)}")
 
 
+def blocking_agent(cluster: Cluster, agent: str) -> AgentProcess:
+    """An agent whose calls wait, once started, until the test releases them (``release-<x>`` in its volume)."""
+    started = cluster.agents.get(agent) or cluster.add_agent(agent)
+    started.volume("marks").mkdir(parents=True, exist_ok=True)
+    (started.volume("marks") / "block").write_text("")
+    return started
+
+
+def spawn(cluster: Cluster, name: str, x: int) -> str:
+    """``work.spawn(x)``'s call id."""
+    return cluster.control.python(
+        f"import warmboot; print(warmboot.Function.from_name({name!r}, 'work').spawn({x}).object_id)"
+    ).stdout.strip()
+
+
 def wait_started(cluster: Cluster, agent: str, x: int) -> None:
     volume = cluster.agents[agent].volume("marks")
     wait_for(f"call {x} started on {agent}", lambda: (volume / f"started-{x}").exists(), watch=volume)
@@ -140,13 +155,9 @@ def test_agents_of_one_class_restore_one_snapshot_and_another_class_never_does(
 
 
 def test_an_agent_killed_mid_call_gives_a_retry_elsewhere_or_an_error_naming_it(cluster: Cluster) -> None:
-    first = cluster.add_agent("first")
-    (first.volume("marks")).mkdir(parents=True, exist_ok=True)
-    (first.volume("marks") / "block").write_text("")
+    blocking_agent(cluster, "first")
     retried_name = deploy(cluster, retries=1)
-    spawned = cluster.control.python(
-        f"import warmboot; print(warmboot.Function.from_name({retried_name!r}, 'work').spawn(5).object_id)"
-    ).stdout.strip()
+    spawned = spawn(cluster, retried_name, 5)
     wait_started(cluster, "first", 5)
     cluster.add_agent("second")
     cluster.kill_agent("first")
@@ -159,12 +170,9 @@ def test_an_agent_killed_mid_call_gives_a_retry_elsewhere_or_an_error_naming_it(
     assert "agent first stopped answering" in cluster.control.log_text(retried_name)
 
     # Without retries the call fails, naming the lost agent.
-    second = cluster.agents["second"]
-    (second.volume("marks") / "block").write_text("")
+    blocking_agent(cluster, "second")
     once = deploy(cluster, retries=0)
-    spawned = cluster.control.python(
-        f"import warmboot; print(warmboot.Function.from_name({once!r}, 'work').spawn(6).object_id)"
-    ).stdout.strip()
+    spawned = spawn(cluster, once, 6)
     wait_started(cluster, "second", 6)
     cluster.kill_agent("second")
     failed = cluster.control.python(
@@ -175,13 +183,9 @@ def test_an_agent_killed_mid_call_gives_a_retry_elsewhere_or_an_error_naming_it(
 
 
 def test_a_control_plane_restart_mid_call_loses_nothing(cluster: Cluster) -> None:
-    agent = cluster.add_agent("steady")
-    agent.volume("marks").mkdir(parents=True, exist_ok=True)
-    (agent.volume("marks") / "block").write_text("")
+    agent = blocking_agent(cluster, "steady")
     name = deploy(cluster)
-    spawned = cluster.control.python(
-        f"import warmboot; print(warmboot.Function.from_name({name!r}, 'work').spawn(7).object_id)"
-    ).stdout.strip()
+    spawned = spawn(cluster, name, 7)
     wait_started(cluster, "steady", 7)
     cluster.control.restart_server()
     cluster.wait_state("steady", "alive")
@@ -249,13 +253,9 @@ def test_a_web_endpoint_on_a_cluster_is_a_clear_error_not_a_hang(cluster: Cluste
 
 
 def test_cancelling_a_call_running_on_an_agent_stops_its_container_there(cluster: Cluster) -> None:
-    agent = cluster.add_agent("runner")
-    agent.volume("marks").mkdir(parents=True, exist_ok=True)
-    (agent.volume("marks") / "block").write_text("")
+    agent = blocking_agent(cluster, "runner")
     name = deploy(cluster)
-    spawned = cluster.control.python(
-        f"import warmboot; print(warmboot.Function.from_name({name!r}, 'work').spawn(9).object_id)"
-    ).stdout.strip()
+    spawned = spawn(cluster, name, 9)
     wait_started(cluster, "runner", 9)
     container = (agent.volume("marks") / "started-9").read_text()
     cancelled = cluster.control.python(
@@ -276,9 +276,7 @@ def test_cancelling_a_call_running_on_an_agent_stops_its_container_there(cluster
 
 def test_one_agent_of_a_class_makes_the_snapshot_when_two_boot_at_once(cluster: Cluster) -> None:
     for agent in ("twin-a", "twin-b"):
-        marks = cluster.add_agent(agent).volume("marks")
-        marks.mkdir(parents=True, exist_ok=True)
-        (marks / "block").write_text("")  # each call waits: the second one needs a second container
+        blocking_agent(cluster, agent)  # each call waits: the second one needs a second container
     name = deploy(cluster)
     ids = cluster.control.python(
         f"""
