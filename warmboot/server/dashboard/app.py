@@ -14,9 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from http.cookies import SimpleCookie
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs
 
-from warmboot.errors import NotFoundError, WarmbootError
+from warmboot import validation
+from warmboot.errors import InvalidOptionError, NotFoundError, WarmbootError
 from warmboot.server.dashboard import pages, static, views
 from warmboot.server.dashboard.auth import COOKIE, DashboardAuth
 
@@ -96,7 +97,8 @@ class Dashboard:
         return False
 
     def _route(self, path: str, query: dict[str, list[str]]) -> tuple[int, str | bytes, bytes]:
-        parts = [unquote(p) for p in path.strip("/").split("/")] if path.strip("/") else []
+        # The ASGI path is decoded already: decoding it again would let "%252F" become a "/" inside a name.
+        parts = path.strip("/").split("/") if path.strip("/") else []
         html = b"text/html; charset=utf-8"
         p = self.plane
         match parts:
@@ -113,18 +115,20 @@ class Dashboard:
             case ["snapshots", key]:
                 return 200, pages.snapshot_page(*views.snapshot(p, key)), html
             case ["logs", app_name]:
-                lines, offset = views.log_tail(p, app_name, None)
+                lines, offset = views.log_tail(p, validation.name("app", app_name), None)
                 return 200, pages.logs_page(app_name, lines, offset), html
             case ["api", "logs", app_name]:
-                after = int(query.get("after", ["0"])[0] or 0)
-                lines, offset = views.log_tail(p, app_name, max(after, 0))
+                text = query.get("after", ["0"])[0] or "0"
+                if not text.isdigit():
+                    raise InvalidOptionError(f"after={text!r}: give the byte offset the last answer's 'next' said")
+                lines, offset = views.log_tail(p, validation.name("app", app_name), int(text))
                 return 200, json.dumps({"lines": lines, "next": offset}), b"application/json"
             case ["secrets"]:
                 return 200, pages.secrets_page(views.secrets(p)), html
             case ["volumes"]:
                 return 200, pages.volumes_page(views.volumes(p)), html
             case ["volumes", name]:
-                return 200, pages.volume_page(name, views.volume(p, name)), html
+                return 200, pages.volume_page(name, views.volume(p, validation.name("volume", name))), html
             case ["static", "style.css"]:
                 return 200, static.STYLE, b"text/css; charset=utf-8"
             case ["static", "tail.js"]:
