@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from warmboot import config
+from warmboot.cli.tables import Col, fit_table
 from warmboot.errors import HostSetupError
 from warmboot.worker import criu
 
@@ -333,16 +334,21 @@ def run_checks() -> list[CheckResult]:
 _STYLE = {"OK": "bold green", "FAIL": "bold red", "WARN": "bold yellow"}
 
 
+#: Every column is kept: the check and its status on one line, what was found and the fix wrapped.
+DOCTOR_COLUMNS = [Col("Check"), Col("Status"), Col("Detail", wrap=True), Col("Fix", wrap=True)]
+
+
+def doctor_table(results: list[CheckResult], *, width: int) -> Table:
+    """The table of the results, fitted to ``width`` terminal columns."""
+    cells = [[r.name, f"[{_STYLE[r.status]}]{r.status}[/]", r.detail, "" if r.ok else r.fix] for r in results]
+    return fit_table(
+        DOCTOR_COLUMNS, cells, width=width, command="warmboot doctor", title="warmboot doctor", title_justify="left"
+    )
+
+
 def render(results: list[CheckResult], console: Console) -> None:
     """Print the results as one table, then a one-line summary."""
-    table = Table(title="warmboot doctor", title_justify="left")
-    table.add_column("Check", no_wrap=True)
-    table.add_column("Status", no_wrap=True)
-    table.add_column("Detail", overflow="fold")
-    table.add_column("Fix", overflow="fold")
-    for r in results:
-        table.add_row(r.name, f"[{_STYLE[r.status]}]{r.status}[/]", r.detail, "" if r.ok else r.fix)
-    console.print(table, markup=True, highlight=False)
+    console.print(doctor_table(results, width=console.width), markup=True, highlight=False)
     failed = [r.name for r in results if r.status == "FAIL"]
     warned = [r.name for r in results if r.status == "WARN"]
     warn_text = f", {len(warned)} warning(s): {', '.join(warned)}" if warned else ""

@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from warmboot import config, errors
+from warmboot.cli.tables import Col, fit_table
 from warmboot.errors import WarmbootError
 from warmboot.sdk import client
 from warmboot.worker import runtime_lib
@@ -49,24 +50,37 @@ def app_list() -> None:
 
         warmboot app list
     """
-    rows = client.request("app_list")
-    table = Table("name", "app id", "state", "version", "functions", "containers", "created", "next scheduled run")
+    console.print(render_apps(client.request("app_list"), width=console.width))
+
+
+#: `warmboot app list`: the name and state always; the id, counts and times as the width allows.
+APP_COLUMNS = [
+    Col("name"), Col("app id", 3), Col("state"), Col("version", 5), Col("functions", 2, wrap=True),
+    Col("containers", 4), Col("created", 7, wrap=True), Col("next scheduled run", 6, wrap=True),
+]  # fmt: skip
+
+
+def render_apps(rows: list[dict], *, width: int) -> Table:
+    """The table of `warmboot app list` for the server's ``app_list`` reply, fitted to ``width`` columns."""
+    cells = []
     for r in rows:
         # One line per scheduled function: "f: 2026-01-01 09:00:00 (every 1d)"; the times are local, as "created".
         scheduled = "\n".join(
             f"{s['function']}: {timestamp(s['next_tick'])} ({s['schedule']})" for s in r.get("schedules") or []
         )
-        table.add_row(
-            r["name"],
-            r["app_id"],
-            r["state"],
-            str(r["version"]),
-            ", ".join(r["functions"]),
-            str(r["containers"]),
-            timestamp(r["created_at"]),
-            scheduled or "-",
+        cells.append(
+            [
+                r["name"],
+                r["app_id"],
+                r["state"],
+                str(r["version"]),
+                ", ".join(r["functions"]),
+                str(r["containers"]),
+                timestamp(r["created_at"]),
+                scheduled or "-",
+            ]
         )
-    console.print(table)
+    return fit_table(APP_COLUMNS, cells, width=width, command="warmboot app list")
 
 
 @apps.command("stop")
@@ -92,16 +106,25 @@ def container_list() -> None:
 
         warmboot container list
     """
-    rows = client.request("container_list")
+    console.print(render_containers(client.request("container_list"), width=console.width))
+
+
+def render_containers(rows: list[dict], *, width: int) -> Table:
+    """The table of `warmboot container list` for the server's ``container_list`` reply, fitted to ``width``."""
     clustered = any(r.get("agent") for r in rows)
-    table = Table("container", "app", "function", "agent" if clustered else "pid", "busy", "calls", "started")
+    # The function's label ("app.f") names its app already: the app column is the first to go.
+    columns = [
+        Col("container"), Col("app", 2), Col("function"), Col("agent", 3) if clustered else Col("pid", 6),
+        Col("busy", 4), Col("calls", 5), Col("started", 7, wrap=True),
+    ]  # fmt: skip
+    cells = []
     for r in rows:
         function = escape(r["function"])  # a parameter set's values are the user's text, not markup
         where = escape(r["agent"] or "") if clustered else str(r["pid"])
-        table.add_row(
-            r["id"], r["app"], function, where, str(r.get("busy", 0)), str(r["calls"]), timestamp(r["started_at"])
+        cells.append(
+            [r["id"], r["app"], function, where, str(r.get("busy", 0)), str(r["calls"]), timestamp(r["started_at"])]
         )
-    console.print(table)
+    return fit_table(columns, cells, width=width, command="warmboot container list")
 
 
 agents = typer.Typer(help="The machines of a cluster (agents) and their state.", no_args_is_help=True)
@@ -117,14 +140,26 @@ def agent_list() -> None:
 
         warmboot agent list
     """
-    rows = client.request("agent_list")
-    table = Table("agent", "state", "url", "class", "CPU", "memory", "GPUs", "containers", "last seen")
+    console.print(render_agents(client.request("agent_list"), width=console.width))
+
+
+#: `warmboot agent list`: the agent and its state always; its resources, class, URL and last heartbeat as the
+#: width allows.
+AGENT_COLUMNS = [
+    Col("agent"), Col("state"), Col("url", 6), Col("class", 5), Col("CPU", 3), Col("memory", 3), Col("GPUs", 4),
+    Col("containers", 2), Col("last seen", 7, wrap=True),
+]  # fmt: skip
+
+
+def render_agents(rows: list[dict], *, width: int) -> Table:
+    """The table of `warmboot agent list` for the server's ``agent_list`` reply, fitted to ``width`` columns."""
+    cells = []
     for r in rows:
-        table.add_row(
-            escape(r["name"]), r["state"], r["url"], r["fingerprint"][:24], f"{r['cpus']:g}",
+        cells.append([
+            escape(r["name"]), r["state"], escape(r["url"]), r["fingerprint"][:24], f"{r['cpus']:g}",
             f"{r['memory_mb'] // 1024} GiB", str(len(r["gpus"])), str(r["containers"]), timestamp(r["last_seen"]),
-        )  # fmt: skip
-    console.print(table)
+        ])  # fmt: skip
+    return fit_table(AGENT_COLUMNS, cells, width=width, command="warmboot agent list")
 
 
 @agents.command("drain")
@@ -194,11 +229,16 @@ def secret_list() -> None:
 
         warmboot secret list
     """
-    rows = client.request("secret_list")
-    table = Table("name", "keys", "updated")
-    for r in rows:
-        table.add_row(r["name"], ", ".join(r["keys"]), timestamp(r["updated_at"]))
-    console.print(table)
+    console.print(render_secrets(client.request("secret_list"), width=console.width))
+
+
+SECRET_COLUMNS = [Col("name"), Col("keys", 2, wrap=True), Col("updated", 3, wrap=True)]
+
+
+def render_secrets(rows: list[dict], *, width: int) -> Table:
+    """The table of `warmboot secret list` for the server's ``secret_list`` reply, fitted to ``width`` columns."""
+    cells = [[r["name"], ", ".join(r["keys"]), timestamp(r["updated_at"])] for r in rows]
+    return fit_table(SECRET_COLUMNS, cells, width=width, command="warmboot secret list")
 
 
 def _alive(pid: int) -> bool:

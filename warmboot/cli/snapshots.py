@@ -9,6 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from warmboot.cli.manage import console, timestamp
+from warmboot.cli.tables import Col, fit_table
 from warmboot.errors import InvalidOptionError
 from warmboot.sdk import client
 
@@ -25,11 +26,22 @@ def snapshot_list() -> None:
 
         warmboot snapshot list
     """
-    rows = client.request("snapshot_list")
-    table = Table("function", "key", "state", "size", "created", "made in", "restores", "restore p50/p95",
-                  "cold p50", "note")  # fmt: skip
-    for r in rows:
-        table.add_row(
+    console.print(render_snapshots(client.request("snapshot_list"), width=console.width))
+
+
+#: `warmboot snapshot list`: the function, key (for `snapshot rm`) and state always, then why it is not in use;
+#: the counts, times and timestamps as the width allows. Tests read this table with all its columns, in this order.
+SNAPSHOT_COLUMNS = [
+    Col("function"), Col("key"), Col("state"), Col("size", 4), Col("created", 8, wrap=True), Col("made in", 7),
+    Col("restores", 3), Col("restore p50/p95", 5, wrap=True), Col("cold p50", 6),
+    Col("note", 2, wrap=True, min_width=16),
+]  # fmt: skip
+
+
+def render_snapshots(rows: list[dict], *, width: int) -> Table:
+    """The table of `warmboot snapshot list` for the server's ``snapshot_list`` reply, fitted to ``width``."""
+    cells = [
+        [
             escape(f"{r['app_name']}.{r['tag']}"),  # a parameter set's values are the user's text
             r["key"][:12],
             r["state"],
@@ -39,9 +51,11 @@ def snapshot_list() -> None:
             str(r["restores"]),
             f"{r['restore_p50_ms']:.0f}/{r['restore_p95_ms']:.0f} ms" if r.get("restore_p50_ms") else "-",
             f"{r['cold_p50_ms']:.0f} ms" if r.get("cold_p50_ms") else "-",
-            _note(r),
-        )
-    console.print(table)
+            escape(_note(r)),
+        ]
+        for r in rows
+    ]
+    return fit_table(SNAPSHOT_COLUMNS, cells, width=width, command="warmboot snapshot list")
 
 
 def _note(row: dict) -> str:

@@ -15,6 +15,7 @@ from rich.table import Table
 from warmboot.cli import appfile
 from warmboot.cli.deploy import show_web_endpoints
 from warmboot.cli.manage import printable, timestamp
+from warmboot.cli.tables import Col, fit_table
 from warmboot.errors import WarmbootError
 from warmboot.sdk import client
 from warmboot.sdk.running import ephemeral
@@ -33,17 +34,27 @@ def endpoint_list() -> None:
 
         warmboot endpoint list
     """
-    table = Table("url", "app", "function", "kind", "auth")
-    for e in client.request("web_list"):
-        where = e["function"] + (f".{e['method']}" if e["method"] else "")
-        table.add_row(
+    console.print(render_endpoints(client.request("web_list"), width=console.width))
+
+
+#: `warmboot endpoint list`: the URL always (it is what the command is for); the app and function (which the URL
+#: usually names anyway), whether it takes a token and its kind as the width allows.
+ENDPOINT_COLUMNS = [Col("url"), Col("app", 2), Col("function", 2), Col("kind", 4), Col("auth", 3)]
+
+
+def render_endpoints(endpoints: list[dict], *, width: int) -> Table:
+    """The table of `warmboot endpoint list` for the server's ``web_list`` reply, fitted to ``width`` columns."""
+    cells = [
+        [
             escape(e["url"] or "(gateway not running)"),
             escape(e["app"]),
-            escape(where),
+            escape(e["function"] + (f".{e['method']}" if e["method"] else "")),
             e["kind"],
             "token" if e["requires_proxy_auth"] else "",
-        )
-    console.print(table)
+        ]
+        for e in endpoints
+    ]
+    return fit_table(ENDPOINT_COLUMNS, cells, width=width, command="warmboot endpoint list")
 
 
 @tokens.command("create")
@@ -70,10 +81,16 @@ def token_list() -> None:
 
         warmboot token list
     """
-    table = Table("token id", "created")
-    for t in client.request("token_list"):
-        table.add_row(t["token_id"], timestamp(t["created_at"]))
-    console.print(table)
+    console.print(render_tokens(client.request("token_list"), width=console.width))
+
+
+TOKEN_COLUMNS = [Col("token id"), Col("created", 2, wrap=True)]
+
+
+def render_tokens(tokens: list[dict], *, width: int) -> Table:
+    """The table of `warmboot token list` for the server's ``token_list`` reply, fitted to ``width`` columns."""
+    cells = [[escape(t["token_id"]), timestamp(t["created_at"])] for t in tokens]
+    return fit_table(TOKEN_COLUMNS, cells, width=width, command="warmboot token list")
 
 
 @tokens.command("rm")
