@@ -52,7 +52,14 @@ class Gateway:
         self.routes = RouteTable()
         self.domain = domain  #: host names ``<label>.<domain>`` name an endpoint
         self.require_all = require_all  #: bound beyond loopback without WARMBOOT_GATEWAY_ALLOW_PUBLIC: every endpoint
-        self.dashboard = Dashboard(plane)  #: under /_dashboard, with its own login token
+        self._dashboard: Dashboard | None = None
+
+    @property
+    def dashboard(self) -> Dashboard:
+        """The web dashboard, under /_dashboard with its own login token (made on first use)."""
+        if self._dashboard is None:
+            self._dashboard = Dashboard(self.plane)
+        return self._dashboard
 
     async def __call__(self, scope: dict[str, Any], receive: exchange.Receive, send: exchange.Send) -> None:
         if scope["type"] == "lifespan":
