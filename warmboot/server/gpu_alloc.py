@@ -40,16 +40,17 @@ class _Waiter:
 
 
 class CancelEvent(threading.Event):
-    """An Event that also wakes the allocator's waiters when set, so that a waiting ``acquire`` sees it at once."""
+    """An Event that also wakes the waiters of a condition when set, so that a start waiting there (for GPUs, for
+    an agent with room) sees it at once."""
 
-    def __init__(self, allocator: GpuAllocator):
+    def __init__(self, cond: threading.Condition):
         super().__init__()
-        self._allocator = allocator
+        self._cond = cond
 
     def set(self) -> None:
         super().set()
-        with self._allocator._cond:
-            self._allocator._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
 
 class GpuAllocator:
@@ -63,7 +64,7 @@ class GpuAllocator:
 
     def cancel_event(self) -> CancelEvent:
         """An Event for :meth:`acquire`'s ``cancelled`` that wakes a waiting acquire when set."""
-        return CancelEvent(self)
+        return CancelEvent(self._cond)
 
     def acquire(
         self,

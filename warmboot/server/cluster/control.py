@@ -16,6 +16,7 @@ from warmboot.cluster.transport import Listener, Route
 from warmboot.errors import ServerRestartedError, WarmbootError
 from warmboot.server.cluster.agents import AgentBook
 from warmboot.server.cluster.remote import RemoteLauncher
+from warmboot.server.gpu_alloc import CancelEvent
 
 if TYPE_CHECKING:
     from warmboot.server.apps import RunningApp, Variant
@@ -27,19 +28,6 @@ log = logging.getLogger("warmboot.cluster")
 #: How long a restarted control plane waits for the agent of a call that was running to come back and give the
 #: call's outcome, before the call ends with ServerRestartedError.
 COLLECT_WAIT_S = 60.0
-
-
-class _WakesBook(threading.Event):
-    """A pool's ``stopped`` event that wakes the starts waiting for an agent when set."""
-
-    def __init__(self, book: AgentBook):
-        super().__init__()
-        self._book = book
-
-    def set(self) -> None:
-        super().set()
-        with self._book.changed:
-            self._book.changed.notify_all()
 
 
 class ClusterControl:
@@ -76,7 +64,7 @@ class ClusterControl:
         self.listener.stop()
 
     def cancel_event(self) -> threading.Event:
-        return _WakesBook(self.book)
+        return CancelEvent(self.book.changed)  # a pool's stop wakes its starts waiting for an agent
 
     def launcher(self, app: RunningApp, variant: Variant, stopped: threading.Event) -> RemoteLauncher:
         fspec = variant.effective_spec(app.function_spec(variant.tag))
