@@ -46,6 +46,9 @@ log = logging.getLogger("warmboot.agent")
 KEEP_OUTCOMES = 10_000
 #: Container output lines held for the next heartbeat at most; past that the oldest are dropped.
 MAX_PENDING_LINES = 20_000
+#: Apps whose launch plans an agent keeps; past that, those without a container here are forgotten (a redeploy is
+#: a new app id: without a bound, every deploy the cluster ever ran would stay in memory).
+MAX_APPS = 64
 
 
 class LineBuffer:
@@ -188,7 +191,18 @@ class AgentHost:
         view = _AppView(self)
         app = RunningApp(view, record)  # type: ignore[arg-type]  # the view stands in for the server
         with self._lock:
-            return self._apps.setdefault(request.app_id, (app, view))
+            known = self._apps.setdefault(request.app_id, (app, view))
+            self._forget_idle_apps_locked()
+            return known
+
+    def _forget_idle_apps_locked(self) -> None:
+        """Past MAX_APPS, forget the oldest apps that run no container here (their launchers with them)."""
+        busy = {s.pool.split("/")[0] for s in self._started.values()}
+        for app_id in [a for a in self._apps if a not in busy][: max(0, len(self._apps) - MAX_APPS)]:
+            del self._apps[app_id]
+            for pool in [p for p in self._launchers if p.split("/")[0] == app_id]:
+                del self._launchers[pool]
+                self._warm_keys.pop(pool, None)
 
     def _image(self, fspec: dict[str, Any]) -> ResolvedImage:
         """The function's image on this machine: pulled from the registry the control plane pushed it to, or the
