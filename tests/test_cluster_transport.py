@@ -415,3 +415,18 @@ def test_registering_again_under_the_same_name_replaces_the_old_agent(control: C
         old_agent.peer.request("collect", messages.CollectCall("c", 0), messages.Collected)
     assert control.heartbeat(old.agent_id, old.session_token) == messages.HeartbeatReply(known=False)
     assert control.heartbeat(new.agent_id, new.session_token) == messages.HeartbeatReply(known=True)
+
+
+def test_one_agent_of_a_class_at_a_time_may_make_a_snapshot_and_a_lost_agent_frees_its_claim(
+    control: Control,
+) -> None:
+    control.register("a1", incarnation="i1")
+    control.register("a2", incarnation="i2")
+    a1, a2 = sorted(control.book.live(), key=lambda a: a.name)
+    assert control.book.claim_snapshot("app/f", a1)
+    assert not control.book.claim_snapshot("app/f", a2)  # same class: a2 boots without making one
+    assert control.book.claim_snapshot("app/g", a2)  # another function: its own claim
+    control.book._lose(a1, "test")
+    assert control.book.claim_snapshot("app/f", a2)  # a1 died before reporting it: a2 may make it now
+    control.book.release_snapshot("app/f", a2)
+    assert control.book.claim_snapshot("app/f", a2)

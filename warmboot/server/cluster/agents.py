@@ -101,7 +101,8 @@ class AgentBook:
         self.lost_after_s = lost_after_s
         self.changed = threading.Condition()
         self._agents: dict[str, Agent] = {}  #: by agent id
-        self._snapshotting: set[tuple[str, str]] = set()  #: (warm key, fingerprint class) a start may snapshot
+        #: (warm key, fingerprint class) -> the agent whose start may make that class's snapshot of the function
+        self._snapshotting: dict[tuple[str, str], str] = {}
         self._on_lost: list[Callable[[Agent], None]] = []
         self._on_lines: Callable[[str, list[messages.ContainerLine]], None] = lambda agent, lines: None
         self._stop = threading.Event()
@@ -170,7 +171,8 @@ class AgentBook:
             agent.alive = set(beat.containers)
             agent.alive_at = beat.taken_at
             agent.warm = frozenset(beat.warm)
-            self._snapshotting -= {(key, agent.fingerprint) for key in agent.warm}  # made: held from now on
+            for key in agent.warm:  # made: the class holds it from now on
+                self._snapshotting.pop((key, agent.fingerprint), None)
             agent.images = frozenset(beat.images)
             self.changed.notify_all()
         if beat.lines:
@@ -193,21 +195,21 @@ class AgentBook:
         with self.changed:
             return next((a for a in self._agents.values() if a.name == name and not a.lost), None)
 
-    def claim_snapshot(self, warm_key: str, fingerprint: str) -> bool:
-        """Whether a cold boot of this function on an agent of this class may make the class's snapshot: one at
-        a time, and none while an agent of the class reports holding it."""
+    def claim_snapshot(self, warm_key: str, agent: Agent) -> bool:
+        """Whether a cold boot of this function on ``agent`` may make its class's snapshot: one agent of a class at
+        a time, none while an agent of the class reports holding it; a lost agent's claim goes with it."""
+        claim = (warm_key, agent.fingerprint)
         with self.changed:
-            claim = (warm_key, fingerprint)
             if claim in self._snapshotting or any(
-                warm_key in a.warm for a in self._agents.values() if a.fingerprint == fingerprint and not a.lost
+                warm_key in a.warm for a in self._agents.values() if a.fingerprint == agent.fingerprint and not a.lost
             ):
                 return False
-            self._snapshotting.add(claim)
+            self._snapshotting[claim] = agent.agent_id
             return True
 
-    def release_snapshot(self, warm_key: str, fingerprint: str) -> None:
+    def release_snapshot(self, warm_key: str, agent: Agent) -> None:
         with self.changed:
-            self._snapshotting.discard((warm_key, fingerprint))
+            self._snapshotting.pop((warm_key, agent.fingerprint), None)
 
     def drain(self, name: str, *, on: bool) -> bool:
         """Place no new container on agent ``name`` (or again, ``on=False``); False if no such live agent."""
@@ -279,6 +281,8 @@ class AgentBook:
             agent.lost = True
             placed = len(agent.placed)
             agent.placed.clear()
+            for claim in [c for c, holder in self._snapshotting.items() if holder == agent.agent_id]:
+                del self._snapshotting[claim]  # another agent of its class may make that snapshot now
             self.changed.notify_all()
         log.warning("agent %s is lost: %s; %d container(s) still placed on it are gone", agent.name, why, placed)
         agent.peer.abort_all()  # its calls in flight end now (retried elsewhere, or failed naming it)

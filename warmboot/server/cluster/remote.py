@@ -29,7 +29,7 @@ from warmboot.errors import (
     WarmbootError,
 )
 from warmboot.protocol import Outcome
-from warmboot.server.apps import warm_key
+from warmboot.server.apps import APP_DIR, warm_key
 from warmboot.server.cluster.agents import Agent, AgentBook, Placed
 from warmboot.server.cluster.placement import Demand, choose, describe_unfit
 from warmboot.worker.gpus import parse_request
@@ -169,7 +169,7 @@ class RemoteLauncher:
             fspec["options"], warm_key(app.record, variant), fspec.get("image_digest", "")
         )
         record = app.record
-        self._source = (Path(record.code_dir) / "root" / record.app_file).read_bytes()
+        self._source = (Path(record.code_dir) / APP_DIR.lstrip("/") / record.app_file).read_bytes()
         self._waiting_why = ""  #: what the last start that waited for an agent logged (under the book's lock)
 
     def __call__(self) -> RemoteContainer:
@@ -179,7 +179,7 @@ class RemoteLauncher:
             agent, key = self._reserve(tried)
             began = time.monotonic()
             # The first agent of its class to boot the function makes the class's snapshot; others boot plain.
-            may_snapshot = self._book.claim_snapshot(self.demand.warm_key, agent.fingerprint)
+            may_snapshot = self._book.claim_snapshot(self.demand.warm_key, agent)
             made = False
             try:
                 started = agent.peer.request(
@@ -199,7 +199,7 @@ class RemoteLauncher:
             finally:
                 # A snapshot made is claimed until the agent's heartbeat reports holding it (agents.heartbeat).
                 if may_snapshot and not made:
-                    self._book.release_snapshot(self.demand.warm_key, agent.fingerprint)
+                    self._book.release_snapshot(self.demand.warm_key, agent)
             fc = RemoteContainer(self._book, agent, started, self._on_call)
             with self._book.changed:
                 reserved = agent.placed.pop(key, None)
