@@ -126,6 +126,12 @@ def test_agents_of_one_class_restore_one_snapshot_and_another_class_never_does(
         )
         # The image came from the registry, into the agent's own home.
         assert list((cluster.agents["maker"].home / "images" / "pulled").iterdir())
+        # The control plane lists the agents' snapshots (each agent reports its own with its heartbeats).
+        wait_for(
+            "the maker's snapshot listed by the control plane",
+            lambda: f"{name}.work @maker" in cluster.control.cli("snapshot", "list").stdout,
+            watch=cluster.control.home,
+        )
 
         # Another fingerprint class (an operator's label) boots cold and makes its own snapshot.
         cluster.add_agent("other-class", env={"WARMBOOT_FINGERPRINT_EXTRA": "class-b"})

@@ -32,7 +32,7 @@ from warmboot.server.images import ResolvedImage, code_layer, resolve_image
 from warmboot.server.launcher import Launcher
 from warmboot.server.restore_slots import RestoreSlots
 from warmboot.server.snapshots import SnapshotRegistry
-from warmboot.server.start_log import StartLog
+from warmboot.server.start_log import StartLog, snapshot_rows
 from warmboot.server.state import AppRecord, State
 from warmboot.worker import cgroups, gpus, snapshot_remote
 from warmboot.worker import container as containers
@@ -338,6 +338,10 @@ class AgentHost:
             if record is not None and record.state == "ok":
                 warm.add(key)
         return sorted(warm)
+
+    def snapshot_rows(self) -> list[dict[str, Any]]:
+        """This machine's snapshots with their restore and cold-boot times (sent to the control plane)."""
+        return snapshot_rows(self.snapshots, self.starts)
 
     def images(self) -> list[str]:
         """Digests of the images this machine holds (placement prefers an agent with the function's image)."""

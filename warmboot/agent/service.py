@@ -57,6 +57,7 @@ class Agent:
         self.agent_id: str | None = None
         self._session: Peer | None = None
         self._stop = threading.Event()
+        self._sent_snapshots: list[dict[str, Any]] | None = None  #: as last sent (None: send at the next beat)
 
     def _routes(self) -> dict[str, Route]:
         def ours(token: str | None, _: Any) -> bool:
@@ -86,6 +87,7 @@ class Agent:
             timeout=10,
         )
         self.agent_id = reply.agent_id
+        self._sent_snapshots = None  # a new session: the control plane has none of them
         self.host.orphan_all()
         self._session = Peer(self.control.url, reply.session_token, name="the control plane")
         log.info("agent %s registered as %s with %s", self.name, reply.agent_id, self.control.url)
@@ -118,6 +120,7 @@ class Agent:
 
     def _heartbeat(self) -> None:
         assert self._session is not None and self.agent_id is not None
+        snapshots = self.host.snapshot_rows()
         beat = messages.Heartbeat(
             agent_id=self.agent_id,
             taken_at=time.time(),
@@ -125,11 +128,14 @@ class Agent:
             warm=self.host.warm(),
             images=self.host.images(),
             lines=self.host.logs.take(),
+            snapshots=snapshots if snapshots != self._sent_snapshots else None,
         )
         try:
             reply = self._session.request("heartbeat", beat, messages.HeartbeatReply, timeout=10)
         except UnauthorizedError:
             reply = messages.HeartbeatReply(known=False)
+        if beat.snapshots is not None and reply.known:
+            self._sent_snapshots = snapshots
         if not reply.known:  # the control plane restarted, or found this agent lost: join again
             log.warning("the control plane does not know this agent's session: registering again")
             self._session = None

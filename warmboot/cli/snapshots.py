@@ -42,7 +42,8 @@ def render_snapshots(rows: list[dict], *, width: int) -> Table:
     """The table of `warmboot snapshot list` for the server's ``snapshot_list`` reply, fitted to ``width``."""
     cells = [
         [
-            escape(f"{r['app_name']}.{r['tag']}"),  # a parameter set's values are the user's text
+            # A parameter set's values are the user's text; on a cluster, each agent's snapshot names the agent.
+            escape(f"{r['app_name']}.{r['tag']}" + (f" @{r['agent']}" if r.get("agent") else "")),
             r["key"][:12],
             r["state"],
             f"{r['size_bytes'] / 1e6:.0f} MB" if r["size_bytes"] else "-",

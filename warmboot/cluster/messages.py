@@ -67,6 +67,8 @@ class Heartbeat:
     warm: list[str] = field(default_factory=list)  #: ``server.apps.warm_key`` of the snapshots it holds locally
     images: list[str] = field(default_factory=list)  #: image digests it holds locally
     lines: list[ContainerLine] = field(default_factory=list)  #: container output since the last heartbeat
+    #: Its snapshots as `warmboot snapshot list` rows, sent when they changed since the last heartbeat (else None)
+    snapshots: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,7 @@ from warmboot.server.gpu_alloc import GpuAllocator
 from warmboot.server.logs import LogBook
 from warmboot.server.restore_slots import RestoreSlots
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
-from warmboot.server.start_log import StartLog, cold_is_faster
+from warmboot.server.start_log import StartLog, snapshot_rows
 from warmboot.server.state import AppRecord, State
 from warmboot.worker import cgroups, gpus, runtime_lib, snapshot_remote
 from warmboot.worker import container as containers
@@ -349,20 +349,9 @@ class ControlPlane:
             emit("line", line)
 
     def op_snapshot_list(self, request: protocol.SnapshotList) -> list[dict[str, Any]]:
-        rows = []
-        for record in self.snapshots.list():
-            restore, cold = self.starts.stats(record.key, "restore"), self.starts.stats(record.key, "cold")
-            rows.append(
-                {
-                    **vars(record),
-                    "restore_p50_ms": restore.p50_ms,
-                    "restore_p95_ms": restore.p95_ms,
-                    "restore_phases_p50_ms": restore.phases_p50_ms,
-                    "cold_p50_ms": cold.p50_ms,
-                    "cold_starts": cold.n,
-                    "boots_cold": cold_is_faster(cold, restore),
-                }
-            )
+        rows = snapshot_rows(self.snapshots, self.starts)
+        if self.cluster is not None:  # a cluster's snapshots are the agents': each reports its own
+            rows += self.cluster.book.snapshot_rows()
         return rows
 
     def op_start_log(self, request: protocol.StartLogList) -> list[dict[str, Any]]:

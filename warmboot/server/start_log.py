@@ -15,9 +15,12 @@ import statistics
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from warmboot.server.db import Database
+
+if TYPE_CHECKING:
+    from warmboot.server.snapshots import SnapshotRegistry
 
 #: Rows kept per snapshot key (older ones are dropped): enough for stable percentiles, bounded in size.
 KEEP_PER_KEY = 200
@@ -186,3 +189,23 @@ class StartChoice:
         if far_apart:
             return time.monotonic() - self.last_recheck >= self.clear_win_recheck_s
         return self.starts % self.recheck_every == 0
+
+
+def snapshot_rows(registry: SnapshotRegistry, starts: StartLog) -> list[dict[str, Any]]:
+    """Every snapshot record with its measured restore and cold-boot times (`warmboot snapshot list`, the
+    dashboard; an agent sends its own to the control plane)."""
+    rows = []
+    for record in registry.list():
+        restore, cold = starts.stats(record.key, "restore"), starts.stats(record.key, "cold")
+        rows.append(
+            {
+                **vars(record),
+                "restore_p50_ms": restore.p50_ms,
+                "restore_p95_ms": restore.p95_ms,
+                "restore_phases_p50_ms": restore.phases_p50_ms,
+                "cold_p50_ms": cold.p50_ms,
+                "cold_starts": cold.n,
+                "boots_cold": cold_is_faster(cold, restore),
+            }
+        )
+    return rows

@@ -72,6 +72,7 @@ class Agent:
     alive_at: float = 0.0  #: the agent's clock when it listed them
     warm: frozenset[str] = frozenset()
     images: frozenset[str] = frozenset()
+    snapshots: list[dict[str, object]] = field(default_factory=list)  #: its `snapshot list` rows, as last sent
 
     def candidate(self) -> Candidate:
         return Candidate(
@@ -174,6 +175,8 @@ class AgentBook:
             for key in agent.warm:  # made: the class holds it from now on
                 self._snapshotting.pop((key, agent.fingerprint), None)
             agent.images = frozenset(beat.images)
+            if beat.snapshots is not None:
+                agent.snapshots = beat.snapshots
             self.changed.notify_all()
         if beat.lines:
             self._on_lines(agent.name, beat.lines)
@@ -210,6 +213,12 @@ class AgentBook:
     def release_snapshot(self, warm_key: str, agent: Agent) -> None:
         with self.changed:
             self._snapshotting.pop((warm_key, agent.fingerprint), None)
+
+    def snapshot_rows(self) -> list[dict[str, object]]:
+        """The live agents' snapshots, each row naming its agent (`warmboot snapshot list` on a cluster)."""
+        with self.changed:
+            agents = [a for a in self._agents.values() if not a.lost]
+        return [{**row, "agent": a.name} for a in sorted(agents, key=lambda a: a.name) for row in a.snapshots]
 
     def drain(self, name: str, *, on: bool) -> bool:
         """Place no new container on agent ``name`` (or again, ``on=False``); False if no such live agent."""

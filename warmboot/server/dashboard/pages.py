@@ -181,7 +181,8 @@ def snapshots_page(rows: list[dict[str, Any]]) -> str:
         ["function", "key", "state", "why", "size", "made", "made in", "restores", "restore p50", "restore p95",
          "cold boot p50"],
         (
-            [h(f"{r['app_name']}.{r['tag']}"), link(r["key"][:12], "snapshots", r["key"]), h(r["state"]),
+            [h(f"{r['app_name']}.{r['tag']}" + (f" @{r['agent']}" if r.get("agent") else "")),
+             link(r["key"][:12], "snapshots", r["key"]), h(r["state"]),
              h(r.get("reason") or ""), h(size(r["size_bytes"])), h(when(r["created_at"])),
              h(f"{r['create_seconds']:.2f} s" if r["create_seconds"] else ""), h(r["restores"]),
              h(ms(r["restore_p50_ms"])), h(ms(r["restore_p95_ms"])), h(ms(r["cold_p50_ms"]))]
