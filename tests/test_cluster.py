@@ -9,6 +9,7 @@ SeaweedFS S3 server and Debian's docker-registry.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,6 @@ from warmboot.worker.snapshot_remote import S3Settings
 APP = """
 import os
 import pathlib
-import time
 
 import warmboot as modal
 
@@ -41,10 +41,10 @@ TABLE = list(range(200_000))
 def work(x):
     here = pathlib.Path("/marks")
     (here / f"started-{{x}}").write_text(os.environ["WARMBOOT_CONTAINER_ID"])
-    # The test blocks calls on one agent by a file in that agent's volume (volumes are per agent), and
-    # releases one by another file.
-    while (here / "block").exists() and not (here / f"release-{{x}}").exists():
-        time.sleep(0.05)
+    # The test holds calls on one agent with a FIFO in that agent's volume (volumes are per agent): reading it
+    # waits until the test writes to it.
+    if (here / "gate").exists():
+        (here / "gate").read_text()
     return {{"token": TOKEN, "value": TABLE[x], "container": os.environ["WARMBOOT_CONTAINER_ID"]}}
 """
 
@@ -82,11 +82,16 @@ def started_on(cluster: Cluster, name: str, container: str) -> str:
 
 
 def blocking_agent(cluster: Cluster, agent: str) -> AgentProcess:
-    """An agent whose calls wait, once started, until the test releases them (``release-<x>`` in its volume)."""
+    """An agent whose calls wait, once started, until the test releases them (:func:`release`)."""
     started = cluster.agents.get(agent) or cluster.add_agent(agent)
     started.volume("marks").mkdir(parents=True, exist_ok=True)
-    (started.volume("marks") / "block").write_text("")
+    os.mkfifo(started.volume("marks") / "gate")
     return started
+
+
+def release(agent: AgentProcess) -> None:
+    """Let the call waiting on the agent's gate go on (opening the FIFO waits for that call to read it)."""
+    (agent.volume("marks") / "gate").write_text("go")
 
 
 def spawn(cluster: Cluster, name: str, x: int) -> str:
@@ -195,7 +200,7 @@ def test_a_control_plane_restart_mid_call_loses_nothing(cluster: Cluster) -> Non
     wait_started(cluster, "steady", 7)
     cluster.control.restart_server()
     cluster.wait_state("steady", "alive")
-    (agent.volume("marks") / "release-7").write_text("")
+    release(agent)
     result = json.loads(
         cluster.control.python(
             f"import json, warmboot; print(json.dumps(warmboot.FunctionCall.from_id({spawned!r}).get(timeout=120)))"
@@ -205,7 +210,7 @@ def test_a_control_plane_restart_mid_call_loses_nothing(cluster: Cluster) -> Non
     # It ran once, on the container that was running it before the restart.
     assert (agent.volume("marks") / "started-7").read_text() == result["container"]
     # The restarted control plane places new calls too.
-    (agent.volume("marks") / "block").unlink()
+    (agent.volume("marks") / "gate").unlink()
     assert call(cluster, name, 8)["value"] == 8
 
 
@@ -298,8 +303,7 @@ def test_one_agent_of_a_class_makes_the_snapshot_when_two_boot_at_once(cluster: 
         watch=cluster.control.home,
     )
     for agent in ("twin-a", "twin-b"):
-        for x in (1, 2):
-            (cluster.agents[agent].volume("marks") / f"release-{x}").write_text("")
+        release(cluster.agents[agent])  # each runs one of the two calls
     get = f"[warmboot.FunctionCall.from_id(i).get(timeout=120) for i in {ids!r}]"
     results = json.loads(cluster.control.python(f"import json, warmboot; print(json.dumps({get}))").stdout.strip())
     agents = {started_on(cluster, name, r["container"]) for r in results}
