@@ -45,7 +45,6 @@ from warmboot.server.images import ResolvedImage
 from warmboot.worker.images.build import BuiltImage
 from warmboot.worker.images.commands import run_streaming
 from warmboot.worker.images.fsutil import atomic_write, flock
-from warmboot.worker.images.layers import unpack_layer
 from warmboot.worker.images.local_files import LocalMount
 from warmboot.worker.images.oci import (
     MEDIA_CONFIG,
@@ -57,7 +56,7 @@ from warmboot.worker.images.oci import (
     digest_hex,
 )
 from warmboot.worker.images.record import record_image
-from warmboot.worker.images.registry import ImageRef
+from warmboot.worker.images.registry import ImageRef, copy_into_layout, unpack_layers
 
 Progress = Callable[[str], None]
 
@@ -245,13 +244,8 @@ def pull_image(ref: str, *, images_root: Path, insecure: bool, progress: Progres
         layout.ensure()
         name = f"warmboot/pulled/{hex_}"
         if not _in_layout(layout, name, parsed.digest):
-            skopeo = _skopeo()
-            argv = [skopeo, "copy", "--quiet=false", "--retry-times", "2"]
-            argv += ["--src-tls-verify=false"] if insecure else []
-            argv += [f"docker://{parsed.pinned(parsed.digest)}", f"oci:{layout.path}:{name}"]
-            progress(f"[pull] {ref}")
-            with layout.lock():  # skopeo rewrites index.json
-                rc, tail = run_streaming(argv, progress, prefix="[pull] ", c_locale=True, skip_blank=True)
+            source = parsed.pinned(parsed.digest)
+            rc, tail = copy_into_layout(source, layout, name, insecure=insecure, progress=progress, ref=ref)
             if rc != 0:
                 raise ImageBuildError(
                     f"could not pull image {ref}: skopeo exited {rc}:\n{_quote(tail)}\n"
@@ -274,20 +268,7 @@ def _unpack(layout: Layout, ref: str, manifest_digest: str, root: Path, progress
             f"{labels.get(LABEL_FORMAT)!r}, expected {DIST_FORMAT!r}); deploy the app again to push it"
         )
     n_local = int(labels[LABEL_LOCAL_LAYERS])
-    layers: list[Path] = []
-    seen: dict[str, int] = {}
-    for desc in descriptors:
-        # overlayfs refuses one directory twice in a stack (ELOOP): a repeated layer (two steps that changed
-        # nothing tar alike) gets a directory of its own.
-        seen[desc.diff_id] = seen.get(desc.diff_id, 0) + 1
-        suffix = "" if seen[desc.diff_id] == 1 else f"-{seen[desc.diff_id]}"
-        dest = root / "layers" / f"oci-{digest_hex(desc.diff_id)}{suffix}"
-        if not dest.exists():
-            with flock(dest.with_name(f".{dest.name}.lock")):  # the same lock as registry.pull_base's
-                if not dest.exists():
-                    progress(f"[pull] unpacking layer {desc.diff_id[:19]} ({desc.size / 1e6:.1f} MB)")
-                    unpack_layer(layout.blob_path(desc.digest), dest, diff_id=desc.diff_id)
-        layers.append(dest)
+    layers = unpack_layers(layout, descriptors, root, progress)
     split = len(layers) - n_local
     mounts = tuple(LocalMount(m[0], m[1], tuple(m[2])) for m in json.loads(labels.get(LABEL_LOCAL_MOUNTS, "[]")))
     image = BuiltImage(

@@ -11,6 +11,7 @@ import contextlib
 import ipaddress
 import re
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,20 +136,9 @@ def pull_base(ref: str, *, root: Path, progress: Progress) -> PulledBase:
                 manifest_digest = parsed.digest
                 progress(f"[pull] {ref}: already present as {parsed.digest}")
     if manifest_digest is None:
-        skopeo = shutil.which("skopeo")
-        if skopeo is None:
-            raise HostSetupError(
-                "pulling registry images needs skopeo: install it with `make setup` (apt-get install skopeo)"
-            )
-        argv = [skopeo, "copy", "--quiet=false", "--retry-times", "2"]
-        if parsed.is_loopback:
-            argv.append("--src-tls-verify=false")
         # docker:// takes a tag or a digest, not both: a digest pins the image, so it wins.
         source = parsed.pinned(parsed.digest) if parsed.digest else str(parsed)
-        argv += [f"docker://{source}", f"oci:{layout.path}:{name}"]
-        progress(f"[pull] {ref}")
-        with layout.lock():  # skopeo rewrites index.json
-            rc, tail = run_streaming(argv, progress, prefix="[pull] ", c_locale=True, skip_blank=True)
+        rc, tail = copy_into_layout(source, layout, name, insecure=parsed.is_loopback, progress=progress, ref=ref)
         if rc != 0:
             raise ImageBuildError(
                 f"could not pull {ref!r} ({parsed}): skopeo exited {rc}:\n"
@@ -158,15 +148,7 @@ def pull_base(ref: str, *, root: Path, progress: Progress) -> PulledBase:
             )
         manifest_digest = layout.manifest_digest(name)
     descriptors, config = layout.read_manifest(manifest_digest)
-    layers: list[Path] = []
-    for desc in descriptors:
-        dest = root / "layers" / f"oci-{digest_hex(desc.diff_id)}"
-        if not dest.exists():
-            with flock(dest.with_name(f".{dest.name}.lock")):
-                if not dest.exists():
-                    progress(f"[pull] unpacking layer {desc.diff_id[:19]} ({desc.size / 1e6:.1f} MB)")
-                    unpack_layer(layout.blob_path(desc.digest), dest, diff_id=desc.diff_id)
-        layers.append(dest)
+    layers = unpack_layers(layout, descriptors, root, progress)
     progress(f"[pull] {ref}: {parsed.pinned(manifest_digest)}, {len(layers)} layers")
     return PulledBase(
         layers=tuple(layers),
@@ -176,3 +158,44 @@ def pull_base(ref: str, *, root: Path, progress: Progress) -> PulledBase:
         ref_name=name,
         descriptors=tuple(descriptors),
     )
+
+
+def copy_into_layout(
+    source: str, layout: Layout, name: str, *, insecure: bool, progress: Progress, ref: str
+) -> tuple[int, list[str]]:
+    """``skopeo copy docker://SOURCE oci:LAYOUT:NAME`` (under the layout's lock: skopeo rewrites index.json);
+    returns skopeo's exit status and its last lines. Raises HostSetupError when skopeo is missing."""
+    skopeo = shutil.which("skopeo")
+    if skopeo is None:
+        raise HostSetupError(
+            "pulling registry images needs skopeo: install it with `make setup` (apt-get install skopeo)"
+        )
+    argv = [skopeo, "copy", "--quiet=false", "--retry-times", "2"]
+    if insecure:
+        argv.append("--src-tls-verify=false")
+    argv += [f"docker://{source}", f"oci:{layout.path}:{name}"]
+    progress(f"[pull] {ref}")
+    with layout.lock():
+        return run_streaming(argv, progress, prefix="[pull] ", c_locale=True, skip_blank=True)
+
+
+def unpack_layers(layout: Layout, descriptors: Sequence[LayerDescriptor], root: Path, progress: Progress) -> list[Path]:
+    """Each layer of an image unpacked once into ``<root>/layers/oci-<diff_id hex>/``, shared by every image that
+    has it (a lock per layer: concurrent pulls unpack it once); bottom first.
+
+    overlayfs refuses one directory twice in a stack (ELOOP): a layer repeated within an image (two steps that
+    changed nothing tar alike) gets a directory of its own, ``oci-<hex>-2``.
+    """
+    layers: list[Path] = []
+    seen: dict[str, int] = {}
+    for desc in descriptors:
+        seen[desc.diff_id] = seen.get(desc.diff_id, 0) + 1
+        suffix = "" if seen[desc.diff_id] == 1 else f"-{seen[desc.diff_id]}"
+        dest = root / "layers" / f"oci-{digest_hex(desc.diff_id)}{suffix}"
+        if not dest.exists():
+            with flock(dest.with_name(f".{dest.name}.lock")):
+                if not dest.exists():
+                    progress(f"[pull] unpacking layer {desc.diff_id[:19]} ({desc.size / 1e6:.1f} MB)")
+                    unpack_layer(layout.blob_path(desc.digest), dest, diff_id=desc.diff_id)
+        layers.append(dest)
+    return layers
