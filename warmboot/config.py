@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from warmboot.errors import InvalidOptionError
+
 DEFAULT_HOME = Path("/var/lib/warmboot")
 DEFAULT_CRIU = Path("/opt/warmboot/criu/bin/criu")  # written by scripts/install-criu.sh
 
@@ -37,3 +39,14 @@ def server_socket() -> Path:
 def volume_dir(name: str, home_dir: Path | None = None) -> Path:
     """Where the volume ``name`` keeps its files on this machine (``$WARMBOOT_HOME/volumes/NAME``)."""
     return (home_dir or home()) / "volumes" / name
+
+
+def value_or_file(name: str) -> str:
+    """``NAME``, or the contents of the file ``NAME_FILE`` names (how Kubernetes secrets arrive: a password or
+    token kept out of the environment); "" when neither is set."""
+    if path := os.environ.get(f"{name}_FILE"):
+        try:
+            return Path(path).read_text().strip()
+        except OSError as exc:
+            raise InvalidOptionError(f"{name}_FILE={path!r} cannot be read ({exc})") from exc
+    return os.environ.get(name, "").strip()

@@ -13,25 +13,14 @@ from __future__ import annotations
 
 import os
 import socket
-from pathlib import Path
 
+from warmboot import config
 from warmboot.errors import HostSetupError, InvalidOptionError
-
-
-def _secret(name: str) -> str | None:
-    """``NAME``, or the contents of the file ``NAME_FILE`` names (how Kubernetes secrets arrive)."""
-    path = os.environ.get(f"{name}_FILE")
-    if path:
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise HostSetupError(f"{name}_FILE={path}: cannot read it ({exc.strerror})") from exc
-    return os.environ.get(name) or None
 
 
 def join_token() -> str:
     """The cluster's join token: agents present it to register. Refuses to run without one, or a short one."""
-    token = _secret("WARMBOOT_JOIN_TOKEN")
+    token = config.value_or_file("WARMBOOT_JOIN_TOKEN")
     if not token:
         raise HostSetupError(
             "no join token: set WARMBOOT_JOIN_TOKEN_FILE (or WARMBOOT_JOIN_TOKEN) to the same secret on the "

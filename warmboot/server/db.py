@@ -19,6 +19,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from warmboot import config
 from warmboot.errors import HostSetupError, InvalidOptionError
 
 _DDL = re.compile(r"^\s*(CREATE|ALTER)\b", re.IGNORECASE)
@@ -64,12 +65,7 @@ class Database:
     def from_env(cls, home: Path) -> Database:
         """``WARMBOOT_DATABASE_URL`` (or the file ``WARMBOOT_DATABASE_URL_FILE`` names, to keep a password out
         of the environment) when set, else SQLite at ``home/state.db``."""
-        url = os.environ.get("WARMBOOT_DATABASE_URL", "").strip()
-        if path := os.environ.get("WARMBOOT_DATABASE_URL_FILE"):
-            try:
-                url = Path(path).read_text().strip()
-            except OSError as exc:
-                raise InvalidOptionError(f"WARMBOOT_DATABASE_URL_FILE={path!r} cannot be read ({exc})") from exc
+        url = config.value_or_file("WARMBOOT_DATABASE_URL")
         if not url:
             home.mkdir(parents=True, exist_ok=True)
             return cls.sqlite(home / "state.db")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from warmboot import config
 from warmboot.errors import InvalidOptionError, SnapshotCorruptError, SnapshotError, SnapshotNotFoundError
 from warmboot.worker import snapshot_files
 from warmboot.worker.snapshot import MANIFEST, UPPER_COPY, Snapshot, SnapshotStore
@@ -71,16 +72,6 @@ class S3Settings:
     secure: bool = True  #: https; False only for a store on loopback or in a private network
 
 
-def _value_or_file(name: str) -> str:
-    """``NAME``, or the contents of the file ``NAME_FILE`` names (a Kubernetes secret mounted as a file)."""
-    if path := os.environ.get(f"{name}_FILE"):
-        try:
-            return Path(path).read_text().strip()
-        except OSError as exc:
-            raise InvalidOptionError(f"{name}_FILE={path!r} cannot be read ({exc})") from exc
-    return os.environ.get(name, "").strip()
-
-
 def settings_from_env() -> S3Settings | None:
     """Object storage for snapshots, from ``WARMBOOT_S3_*`` (None when ``WARMBOOT_S3_ENDPOINT`` is unset).
 
@@ -95,8 +86,8 @@ def settings_from_env() -> S3Settings | None:
         return None
     secure = not endpoint.startswith("http://")
     endpoint = endpoint.removeprefix("http://").removeprefix("https://").rstrip("/")
-    access = _value_or_file("WARMBOOT_S3_ACCESS_KEY")
-    secret = _value_or_file("WARMBOOT_S3_SECRET_KEY")
+    access = config.value_or_file("WARMBOOT_S3_ACCESS_KEY")
+    secret = config.value_or_file("WARMBOOT_S3_SECRET_KEY")
     if not access or not secret:
         missing = "WARMBOOT_S3_ACCESS_KEY" if not access else "WARMBOOT_S3_SECRET_KEY"
         raise InvalidOptionError(
