@@ -159,9 +159,7 @@ class AgentHost:
         fc = launcher(may_snapshot=request.may_snapshot)
         with self._lock:
             self._started[fc.id] = _Started(fc, warm, launcher)
-        return messages.ContainerStarted(
-            fc.id, fc.restored_from is not None, time.monotonic() - began, time.time(), fc.made_snapshot
-        )
+        return messages.ContainerStarted(fc.id, fc.restored, time.monotonic() - began, time.time(), fc.made_snapshot)
 
     def _app(self, request: messages.StartContainer) -> tuple[RunningApp, _AppView]:
         with self._lock:

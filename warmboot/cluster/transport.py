@@ -42,13 +42,6 @@ MAX_FRAME = 1 << 30
 _encoder = msgspec.msgpack.Encoder()
 _frame_decoder = msgspec.msgpack.Decoder(dict[str, Any])
 
-#: What each frame kind decodes to.
-FRAME_KINDS: dict[str, type] = {
-    "reply": object,  # the route's reply type, given by the caller
-    "item": messages.Item,
-    "failure": messages.Failure,
-}
-
 
 def encode(message: Any) -> bytes:
     return _encoder.encode(message)

@@ -24,7 +24,8 @@ CREATE TABLE IF NOT EXISTS call_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     call_id TEXT NOT NULL,
     app_name TEXT NOT NULL,
-    function TEXT NOT NULL,         -- the tag, or Class.method
+    tag TEXT NOT NULL,              -- the function or class
+    method TEXT,                    -- a class's method
     status TEXT NOT NULL,           -- ok | the error's class name (a remote exception's own)
     start_kind TEXT NOT NULL,       -- cold | restore | warm | none
     container_id TEXT,
@@ -32,7 +33,7 @@ CREATE TABLE IF NOT EXISTS call_log (
     finished_at REAL NOT NULL,
     duration_ms REAL NOT NULL       -- submitted to result: queueing, the container's start, the work
 );
-CREATE INDEX IF NOT EXISTS call_log_by_function ON call_log(app_name, function, id);
+CREATE INDEX IF NOT EXISTS call_log_by_function ON call_log(app_name, tag, id);
 """
 
 
@@ -40,7 +41,8 @@ CREATE INDEX IF NOT EXISTS call_log_by_function ON call_log(app_name, function, 
 class LoggedCall:
     call_id: str
     app_name: str
-    function: str
+    tag: str
+    method: str | None
     status: str
     start_kind: str
     container_id: str | None
@@ -57,48 +59,45 @@ class CallLog:
         self._lock = lock
         self._written = 0
         with lock:
+            if db.columns("call_log") and "tag" not in db.columns("call_log"):
+                # The first version of this table (one "function" column): its rows are only history, start over.
+                db.execute("DROP TABLE call_log")
             db.executescript(_SCHEMA)
 
     def record(self, entry: LoggedCall) -> None:
         with self._lock:
             self._db.execute(
-                "INSERT INTO call_log (call_id, app_name, function, status, start_kind, container_id, submitted_at, "
-                "finished_at, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (entry.call_id, entry.app_name, entry.function, entry.status, entry.start_kind, entry.container_id,
-                 entry.submitted_at, entry.finished_at, entry.duration_ms),
+                "INSERT INTO call_log (call_id, app_name, tag, method, status, start_kind, container_id, "
+                "submitted_at, finished_at, duration_ms) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (entry.call_id, entry.app_name, entry.tag, entry.method, entry.status, entry.start_kind,
+                 entry.container_id, entry.submitted_at, entry.finished_at, entry.duration_ms),
             )  # fmt: skip
             self._written += 1
             if self._written % 500 == 0:  # trimmed now and then, not at every insert
                 self._db.execute("DELETE FROM call_log WHERE id <= (SELECT MAX(id) FROM call_log) - ?", (KEEP,))
 
-    def recent(self, app_name: str, function: str | None = None, limit: int = 200) -> list[LoggedCall]:
-        sql = (
-            "SELECT call_id, app_name, function, status, start_kind, container_id, submitted_at, finished_at, "
-            "duration_ms FROM call_log WHERE app_name = ?"
-        )
-        args: list[Any] = [app_name]
-        if function is not None:
-            sql += " AND function = ?"
-            args.append(function)
-        sql += " ORDER BY id DESC LIMIT ?"
-        args.append(limit)
+    def recent(self, app_name: str, tag: str, limit: int = 200) -> list[LoggedCall]:
+        """The function's (or class's, all methods) most recent calls, newest first."""
         with self._lock:
-            rows = self._db.execute(sql, args).fetchall()
+            rows = self._db.execute(
+                "SELECT call_id, app_name, tag, method, status, start_kind, container_id, submitted_at, finished_at, "
+                "duration_ms FROM call_log WHERE app_name = ? AND tag = ? ORDER BY id DESC LIMIT ?",
+                (app_name, tag, limit),
+            ).fetchall()
         return [LoggedCall(*row) for row in rows]
 
 
 def entry_for(call: Any, app_name: str) -> LoggedCall:
     """The log entry of a finished :class:`~warmboot.server.calls.Call`."""
     outcome = call.outcome
-    status = "ok" if outcome is not None and outcome.ok else (outcome.error_type or "exception") if outcome else "?"
-    if outcome is not None and not outcome.ok and outcome.error_type is None:
-        status = (outcome.message or "exception").split(":")[0][:80]  # a remote exception: its class's name
-    function = f"{call.tag}.{call.method}" if call.method else call.tag
+    # A platform error's class, or the remote exception's own ("ValueError: ..." in its message).
+    status = "ok" if outcome.ok else outcome.error_type or (outcome.message or "exception").split(":")[0][:80]
     finished = time.time()
     return LoggedCall(
         call.call_id,
         app_name,
-        function,
+        call.tag,
+        call.method,
         status,
         call.start_kind or "none",
         call.container_id,

@@ -582,8 +582,7 @@ def start_kind(handle: ContainerHandle) -> str:
     """How a container's next input finds it: ``warm`` once it has served one, else how it started."""
     if handle.calls_served > 0:
         return "warm"
-    restored = getattr(handle, "restored_from", None) or getattr(handle, "restored", False)
-    return "restore" if restored else "cold"
+    return "restore" if getattr(handle, "restored", False) else "cold"
 
 
 def _after(seconds: float, action: Callable[[], None]) -> None:

@@ -276,6 +276,11 @@ class FunctionContainer:
         self.timings["resume_ms"] = (done - attached) * 1000 - self.timings["enter_ms"]
 
     @property
+    def restored(self) -> bool:
+        """Whether it was restored from a memory snapshot (else it booted cold)."""
+        return self.restored_from is not None
+
+    @property
     def pid(self) -> int | None:
         return self.container.pid if self.container is not None else None
 

@@ -69,11 +69,7 @@ def app(plane: ControlPlane, name: str) -> dict[str, Any]:
 
 
 def function_calls(plane: ControlPlane, app_name: str, tag: str, limit: int = 200) -> list[LoggedCall]:
-    return [
-        c
-        for c in plane.call_log.recent(app_name, limit=limit * 4)
-        if c.function == tag or c.function.startswith(tag + ".")
-    ][:limit]
+    return plane.call_log.recent(app_name, tag, limit=limit)
 
 
 def function(plane: ControlPlane, app_name: str, tag: str) -> FunctionView:
