@@ -19,7 +19,7 @@ Times of the control plane's events are its log lines' own millisecond timestamp
    (its container id) into the volume ``marks`` (per agent: ``<agent home>/volumes/marks/``), then sleeps 3 s;
    2 agents, the default heartbeat (1 s) and loss timeout (``WARMBOOT_AGENT_LOST_S``, 5 s). Each round:
    ``.spawn()``; wait for the marker (polled with a deadline), which names the agent running the call; t0;
-   SIGKILL that agent and kill its containers (their cgroups: ``cgroups.kill_leftover``); then t0 -> the control
+   SIGKILL that agent and kill its containers (their cgroups: ``container.remove_leftovers``); then t0 -> the control
    plane's ``agent NAME stopped answering`` (the connection dropped), t0 -> ``agent NAME is lost`` (heartbeats
    missed), t0 -> the re-run's ``Container ... started`` on the other agent, t0 -> ``FunctionCall.get()``
    returning (minus the 3 s of work: the failover's overhead). The killed agent is restarted (same name, same
@@ -57,8 +57,9 @@ import numpy as np
 from harness import console, deploy_app, load
 from rich.table import Table
 
+from warmboot.devservices import processes
 from warmboot.sdk import client
-from warmboot.worker import cgroups
+from warmboot.worker import container
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "benchmarks"
@@ -171,16 +172,7 @@ class Cluster:
 
     def kill_agent(self, name: str) -> None:
         """The machine dies: the agent SIGKILLed, then its containers (their cgroups)."""
-        proc = self.procs[name]
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        self._kill_containers(name)
-
-    def _kill_containers(self, name: str) -> None:
-        containers = self.agent_home(name) / "containers"
-        if containers.is_dir():
-            for entry in containers.iterdir():
-                cgroups.kill_leftover(entry.name)
+        processes.kill_agent(self.procs[name], self.agent_home(name))
 
     def log(self) -> list[tuple[datetime.datetime, str]]:
         """The control plane's log lines with their timestamps (continuation lines skipped)."""
@@ -206,16 +198,9 @@ class Cluster:
     def close(self) -> None:
         agents = [n for n in self.procs if n != "control"]
         for name in [*agents, "control"]:  # agents first: the control plane then has nothing in flight
-            proc = self.procs[name]
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            processes.stop(self.procs[name])
         for name in agents:
-            self._kill_containers(name)
+            container.remove_leftovers(self.agent_home(name) / "containers", f"agent {name}")
         shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -38,6 +38,8 @@ from typing import Any
 from harness import MODEL_DIR, MODEL_VOLUME, console, deploy_app, ensure_model_volume, load, stop_app
 from rich.table import Table
 
+from warmboot.devservices import processes
+
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sentence_transformers_embedder.py"
 DEMO_HOME = Path(os.environ.get("WARMBOOT_CLUSTER_DEMO_HOME", "/var/lib/warmboot-cluster-demo"))
@@ -79,13 +81,9 @@ class Processes:
     def stop_all(self) -> None:
         for proc in self.running.values():
             if proc.poll() is None:
-                proc.terminate()
+                proc.terminate()  # all at once; then each is waited for
         for proc in self.running.values():
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            processes.stop(proc, timeout=60)
 
 
 def fresh_homes() -> tuple[Path, dict[str, Path]]:
@@ -213,18 +211,6 @@ def agent_states() -> dict[str, str]:
     return {a["name"]: a["state"] for a in client.request("agent_list")}
 
 
-def kill_agent(procs: Processes, name: str, home: Path) -> None:
-    """The machine dies: the agent and its containers, at once."""
-    from warmboot.worker import cgroups
-
-    procs.running[name].send_signal(signal.SIGKILL)
-    procs.running[name].wait()
-    containers = home / "containers"
-    if containers.is_dir():
-        for entry in containers.iterdir():
-            cgroups.kill_leftover(entry.name)
-
-
 def main() -> None:
     if os.geteuid() != 0:
         raise SystemExit("make cluster-demo must run as root (containers, CRIU, network namespaces)")
@@ -310,7 +296,7 @@ def main() -> None:
         victim = wait("the long call running", busy_agent)
         killed_at = datetime.datetime.now()
         began = time.perf_counter()
-        kill_agent(procs, victim, agents[victim])
+        processes.kill_agent(procs.running[victim], agents[victim])
         console.print(f"[bold]Killed {victim}[/] (agent and containers) while it ran the long call")
         result = call_handle.get(timeout=600)
         rerun_s = time.perf_counter() - began

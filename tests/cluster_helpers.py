@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import signal
 import socket
 import sqlite3
 import subprocess
@@ -20,7 +19,8 @@ from pathlib import Path
 
 from platform_helpers import Platform, wait_for
 
-from warmboot.worker import cgroups
+from warmboot.devservices import processes
+from warmboot.worker import container
 
 #: Short enough that a test sees a loss quickly, long enough for a busy 2-core machine not to see false ones.
 HEARTBEAT_S = "0.5"
@@ -111,15 +111,12 @@ class Cluster:
     def kill_agent(self, name: str) -> None:
         """The machine dies: the agent and its containers are killed at once, nothing is said to anyone."""
         agent = self.agents[name]
-        agent.process.send_signal(signal.SIGKILL)
-        agent.process.wait()
-        _kill_containers(agent.home)
+        processes.kill_agent(agent.process, agent.home)
 
     def stop_agent(self, name: str) -> None:
         agent = self.agents[name]
-        agent.process.terminate()
-        agent.process.wait(timeout=60)
-        _kill_containers(agent.home)
+        processes.stop(agent.process, timeout=60)
+        container.remove_leftovers(agent.home / "containers", f"agent {name}")
 
     def close(self) -> None:
         for name, agent in self.agents.items():
@@ -128,10 +125,3 @@ class Cluster:
         self.control.close()
         for agent in self.agents.values():
             shutil.rmtree(agent.home, ignore_errors=True)
-
-
-def _kill_containers(home: Path) -> None:
-    containers = home / "containers"
-    if containers.is_dir():
-        for entry in containers.iterdir():
-            cgroups.kill_leftover(entry.name)

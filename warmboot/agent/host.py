@@ -34,10 +34,9 @@ from warmboot.server.restore_slots import RestoreSlots
 from warmboot.server.snapshots import SnapshotRegistry
 from warmboot.server.start_log import StartLog, snapshot_rows
 from warmboot.server.state import AppRecord, State
-from warmboot.worker import cgroups, gpus, snapshot_remote
 from warmboot.worker import container as containers
+from warmboot.worker import gpus, snapshot_remote
 from warmboot.worker.runner import FunctionContainer
-from warmboot.worker.sandbox import rootfs
 from warmboot.worker.snapshot import SnapshotStore
 
 log = logging.getLogger("warmboot.agent")
@@ -123,23 +122,14 @@ class AgentHost:
         self._started: dict[str, _Started] = {}
         self._running: dict[str, threading.Event] = {}  #: call id -> set when its outcome is kept
         self._outcomes: collections.OrderedDict[str, Outcome] = collections.OrderedDict()
-        self._clean_up()
+        # What a previous agent process on this home left running goes: its control plane retried or failed the
+        # calls those containers ran when it found that agent lost.
+        containers.remove_leftovers(self.home / "containers", "a previous agent")
 
     def volume_dir(self, name: str) -> Path:
         path = config.volume_dir(name, self.home)
         path.mkdir(parents=True, exist_ok=True)
         return path
-
-    def _clean_up(self) -> None:
-        """Kill what a previous agent process on this home left running: its control plane retried or failed
-        the calls those containers ran when it found that agent lost."""
-        containers_dir = self.home / "containers"
-        if containers_dir.is_dir():
-            for entry in containers_dir.iterdir():
-                if cgroups.kill_leftover(entry.name):
-                    log.warning("stopped container %s left by a previous agent", entry.name)
-            containers.kill_rooted_in(containers_dir)
-        rootfs.remove_stale(containers_dir, alive=set())
 
     # ----- starting ------------------------------------------------------------------------------------------
 

@@ -24,6 +24,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from warmboot.devservices import processes
+
 #: How long the registry may take to say it listens (it starts in well under a second here).
 START_TIMEOUT_S = 20.0
 
@@ -104,12 +106,7 @@ def registry_server(
             raise RuntimeError(f"docker-registry on {host} does not answer GET /v2/")
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        processes.stop(proc, timeout=10)
         if drain is not None:
             drain.join(timeout=10)
         stream.close()

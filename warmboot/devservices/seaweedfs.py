@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from warmboot.devservices import processes
 from warmboot.worker.snapshot_remote import S3Settings
 
 START_TIMEOUT_S = 60
@@ -91,12 +92,7 @@ def s3_server(
         _wait_until_it_answers(settings, proc, log_path, argv_prefix)
         yield settings
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        processes.stop(proc, timeout=20)
         shutil.rmtree(root, ignore_errors=True)
 
 

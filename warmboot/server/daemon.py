@@ -53,9 +53,8 @@ from warmboot.server.restore_slots import RestoreSlots
 from warmboot.server.snapshots import SnapshotRegistry, snapshot_key
 from warmboot.server.start_log import StartLog, snapshot_rows
 from warmboot.server.state import AppRecord, State
-from warmboot.worker import cgroups, gpus, runtime_lib, snapshot_remote
 from warmboot.worker import container as containers
-from warmboot.worker.sandbox import rootfs
+from warmboot.worker import gpus, runtime_lib, snapshot_remote
 from warmboot.worker.snapshot import SnapshotStore
 
 log = logging.getLogger("warmboot.server")
@@ -102,16 +101,7 @@ class ControlPlane:
 
     def _recover(self) -> None:
         """Clean up after a server that died, then bring back its apps and its unfinished calls."""
-        containers_dir = self.home / "containers"
-        if containers_dir.is_dir():
-            for entry in containers_dir.iterdir():
-                killed = cgroups.kill_leftover(entry.name)
-                if killed:
-                    log.warning("stopped container %s left by a previous server (%d processes)", entry.name, killed)
-            strays = containers.kill_rooted_in(containers_dir)  # a restored copy that never joined its cgroup
-            if strays:
-                log.warning("stopped %d process(es) left by a previous server outside any cgroup", len(strays))
-        rootfs.remove_stale(containers_dir, alive=set())
+        containers.remove_leftovers(self.home / "containers", "a previous server")
         for app_id in self.state.stop_ephemeral():
             log.info("ephemeral app %s ended with the server that ran it", app_id)
         for record in self.state.running_apps():

@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import fcntl
 import functools
+import logging
 import os
 import select
 import shlex
@@ -39,8 +40,11 @@ from pathlib import Path
 from typing import BinaryIO
 
 from warmboot.errors import ContainerError
+from warmboot.worker import cgroups
 from warmboot.worker.images.layers import DEFAULT_PATH
 from warmboot.worker.sandbox import entry, rootfs
+
+log = logging.getLogger("warmboot.worker")
 
 #: File descriptor numbers of the control pipes inside every container.
 CONTROL_IN_FD = 3
@@ -371,6 +375,19 @@ def _wait_for_init(launcher: subprocess.Popen[bytes], timeout: float) -> int:
 def new_pipes() -> _PipeSet:
     """Fresh channels for a restored container (used by the snapshot engine)."""
     return _PipeSet.create()
+
+
+def remove_leftovers(containers_dir: Path, left_by: str) -> None:
+    """Kill what a dead server or agent (``left_by``) left running under ``containers_dir`` (every process of
+    each container, through its cgroup, and a restored copy that never joined one), then remove the run
+    directories and their overlays."""
+    if containers_dir.is_dir():
+        for run_dir in containers_dir.iterdir():
+            if killed := cgroups.kill_leftover(run_dir.name):
+                log.warning("stopped container %s left by %s (%d processes)", run_dir.name, left_by, killed)
+        if strays := kill_rooted_in(containers_dir):
+            log.warning("stopped %d process(es) left by %s outside any cgroup", len(strays), left_by)
+    rootfs.remove_stale(containers_dir, alive=set())
 
 
 def kill_rooted_in(containers_dir: Path) -> list[int]:
