@@ -26,13 +26,10 @@ log = logging.getLogger("warmboot.agent")
 
 def machine_resources() -> messages.Resources:
     """What this machine offers: its CPUs (cgroup quota aside), its memory and its GPUs."""
-    with open("/proc/meminfo") as f:
-        total_kb = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
-    inventory = gpus.inventory()
     return messages.Resources(
         cpus=float(len(os.sched_getaffinity(0))),
-        memory_mb=total_kb // 1024,
-        gpus=[g.model for g in inventory.devices()],
+        memory_mb=os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20,
+        gpus=[g.model for g in gpus.inventory().devices()],
     )
 
 

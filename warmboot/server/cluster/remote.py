@@ -61,7 +61,6 @@ class RemoteContainer:
         self._book = book
         self._on_call = on_call
         self._broken = False
-        self._lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
